@@ -1,0 +1,143 @@
+"""Decode and resize every image of a split once, into a memory-mapped uint8 array on disk.
+
+The cache of a split at size S is ``<cache_dir>/images/<key>.u8`` holding [N, S, S, 3] uint8, plus
+``<key>.json`` with N, S, the indices of images that could not be read, and the key's inputs. The
+key hashes the dataset's class, split, :meth:`MultiLabelDataset.fingerprint` (which covers the
+source files' sizes and modification times), S and this module's resize version, so any change
+rebuilds. Files are written under temporary names and renamed, so a killed build leaves no cache
+that looks complete; a cache whose size does not match its metadata is rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.atomic import atomic_write, atomic_write_bytes
+from bench.dataset import MultiLabelDataset, UnreadableImage, as_uint8_rgb
+
+RESIZE_VERSION = "pil-bilinear-square-v1"
+
+
+class SkippedImageWarning(UserWarning):
+    """An image could not be decoded; it is left out of the split and counted."""
+
+
+@dataclass
+class CachedSplit:
+    """A split's images resized to S x S, with the labels of the images that could be read.
+
+    Attributes:
+        images: uint8 [M, S, S, 3] (memory-mapped), M = number of readable images.
+        targets: uint8 [M, C]; ignore: bool [M, C]; image_ids: list of M ids.
+        skipped: ids of images that could not be read (left out, counted in the run's row).
+    """
+
+    images: np.ndarray
+    targets: np.ndarray
+    ignore: np.ndarray
+    image_ids: list[str]
+    skipped: list[str]
+
+
+def cache_key(dataset: MultiLabelDataset, size: int) -> str:
+    parts = [type(dataset).__qualname__, getattr(dataset, "registry_name", ""), dataset.split, dataset.fingerprint(), str(size), RESIZE_VERSION]
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:20]
+
+
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> uint8 [size, size, 3] (bilinear, with PIL's antialiasing)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def _build(dataset: MultiLabelDataset, size: int, data_path: Path, progress: Callable[[int, int], None] | None) -> list[int]:
+    """Decode and resize every image into ``data_path`` (atomically); return unreadable indices."""
+    n = len(dataset)
+    bad: list[int] = []
+
+    def fill(tmp: Path) -> None:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        for i in range(n):
+            try:
+                out[i] = resize_square(as_uint8_rgb(dataset.load_image(i)), size)
+            except UnreadableImage as exc:
+                warnings.warn(f"skipping unreadable image {dataset.image_id(i)}: {exc}", SkippedImageWarning, stacklevel=4)
+                bad.append(i)
+            if progress is not None:
+                progress(i + 1, n)
+        out.flush()
+        del out
+
+    atomic_write(data_path, fill)
+    return bad
+
+
+def load_or_build(
+    dataset: MultiLabelDataset,
+    size: int,
+    cache_dir: str | Path,
+    progress: Callable[[int, int], None] | None = None,
+) -> CachedSplit:
+    """Return the split's images at ``size`` from the cache, building the cache if needed.
+
+    Only one process should build (the runner calls this under ``main_process_first``).
+    """
+    folder = Path(cache_dir) / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    key = cache_key(dataset, size)
+    data_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+    images = None
+    if data_path.is_file() and meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+            images = np.load(data_path, mmap_mode="r")
+            if images.shape != (len(dataset), size, size, 3):
+                raise ValueError(f"shape {images.shape}")
+            bad = [int(i) for i in meta["unreadable"]]
+        except (ValueError, KeyError, OSError) as exc:
+            warnings.warn(f"image cache {data_path} is damaged ({exc}); rebuilding it", stacklevel=2)
+            images = None
+    if images is None:
+        meta_path.unlink(missing_ok=True)
+        bad = _build(dataset, size, data_path, progress)
+        meta = {"n": len(dataset), "size": size, "unreadable": bad, "split": dataset.split, "fingerprint": dataset.fingerprint()}
+        atomic_write_bytes(meta_path, json.dumps(meta).encode())
+        images = np.load(data_path, mmap_mode="r")
+    keep = np.setdiff1d(np.arange(len(dataset)), np.asarray(bad, dtype=np.int64))
+    ids = [dataset.image_id(int(i)) for i in keep]
+    if bad:
+        images = images[keep]  # copies the readable rows into memory; rare (only with bad files)
+    return CachedSplit(
+        images=images,
+        targets=np.asarray(dataset.targets)[keep],
+        ignore=np.asarray(dataset.ignore)[keep],
+        image_ids=ids,
+        skipped=[dataset.image_id(i) for i in bad],
+    )
+
+
+class CachedImages(torch.utils.data.Dataset):
+    """Items ``(image uint8 [S, S, 3], target float [C], ignore bool [C])`` from a :class:`CachedSplit`."""
+
+    def __init__(self, split: CachedSplit) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            torch.from_numpy(np.array(self.split.images[index])),
+            torch.from_numpy(self.split.targets[index].astype(np.float32)),
+            torch.from_numpy(self.split.ignore[index].astype(bool)),
+        )

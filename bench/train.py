@@ -1,0 +1,220 @@
+"""Training and evaluation of one model under an ``accelerate.Accelerator``.
+
+The same code runs on one CPU process, under ``accelerate launch --cpu --num_processes N`` (gloo)
+and on GPUs. Batches from the loaders are turned into model inputs by a ``prepare`` callable
+(augmentation of cached images, or cached features as they are), so the loop does not care what
+the model's input is. Evaluation gathers scores with ``gather_for_metrics``: samples duplicated
+to pad the last batch across processes are dropped, so metrics do not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from bench.backbones import Backbone
+from bench.interrupt import Interrupted
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stops at once."""
+
+
+class Classifier(nn.Module):
+    """Normalisation, backbone, head: images float [B, 3, H, W] in [0, 1] -> logits [B, C]."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, freeze_backbone: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.freeze_backbone = freeze_backbone
+        # each backbone carries the input normalisation its weights were trained with
+        self.register_buffer("mean", torch.tensor(getattr(backbone, "mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(getattr(backbone, "std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
+        if freeze_backbone:
+            self.backbone.requires_grad_(False)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] in [0, 1] -> backbone features [B, d, h, w]."""
+        x = (images - self.mean) / self.std
+        if self.freeze_backbone:
+            with torch.no_grad():
+                return self.backbone(x)
+        return self.backbone(x)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def train(self, mode: bool = True) -> "Classifier":
+        super().train(mode)
+        if self.freeze_backbone:
+            self.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics fixed
+        return self
+
+
+class HeadOnly(nn.Module):
+    """The head alone, fed cached backbone features [B, d, h, w] (the frozen protocol).
+
+    Its state dict keys (``head.*``) match those of a :class:`Classifier`'s head.
+    """
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features.float())
+
+
+def make_optimizer(backbone: nn.Module | None, head: nn.Module, recipe: dict[str, Any]) -> torch.optim.Optimizer:
+    """SGD or AdamW; the head trains at ``lr``, the backbone at ``lr * lrp``."""
+    groups = [{"params": [p for p in head.parameters() if p.requires_grad], "lr": recipe["lr"]}]
+    if backbone is not None:
+        trainable = [p for p in backbone.parameters() if p.requires_grad]
+        if trainable:
+            groups.append({"params": trainable, "lr": recipe["lr"] * recipe["lrp"]})
+    if recipe["optimizer"] == "sgd":
+        return torch.optim.SGD(groups, lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"], nesterov=recipe["nesterov"])
+    return torch.optim.AdamW(groups, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+
+
+def lr_factor(step: int, steps_per_epoch: int, recipe: dict[str, Any]) -> float:
+    """Multiplier of the base learning rates at optimiser step ``step`` (0-based).
+
+    Linear warm-up over ``warmup_epochs``, then cosine decay to 0 over the remaining steps,
+    ``gamma ** (epoch // step_size)`` for ``step``, or 1 for ``constant``.
+    """
+    warmup = int(round(recipe["warmup_epochs"] * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if recipe["schedule"] == "cosine":
+        total = recipe["epochs"] * steps_per_epoch
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    if recipe["schedule"] == "step":
+        return recipe["gamma"] ** ((step // steps_per_epoch) // recipe["step_size"])
+    return 1.0
+
+
+def make_loss(recipe: dict[str, Any]) -> nn.Module:
+    """``bce``: BCE-with-logits averaged over all entries; ``multilabel_soft_margin``: as ML-GCN's
+    release (the same value, averaged per sample over classes then over the batch)."""
+    if recipe["loss"] == "multilabel_soft_margin":
+        return nn.MultiLabelSoftMarginLoss()
+    return nn.BCEWithLogitsLoss()
+
+
+@dataclass
+class EpochStats:
+    """One epoch: mean training loss (main process), images seen (all processes), seconds."""
+
+    loss: float
+    images: int
+    seconds: float
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    loss_fn: nn.Module,
+    accelerator: Accelerator,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    grad_clip: float = 0.0,
+    on_step: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> EpochStats:
+    """One pass over ``loader``.
+
+    Raises :class:`NonFiniteLoss` at the first NaN/inf loss on any process, and
+    :class:`bench.interrupt.Interrupted` after the step in which any process was asked to stop;
+    both are decided from one small all-reduce per step, so all processes leave together.
+    """
+    model.train()
+    total, steps = torch.zeros((), device=accelerator.device), 0
+    start = time.perf_counter()
+    for inputs, targets, _ignore in loader:
+        with accelerator.autocast():
+            logits = model(prepare(inputs))
+        loss = loss_fn(logits.float(), targets.float())
+        stop = bool(should_stop and should_stop())
+        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop), device=loss.device)])
+        if accelerator.num_processes > 1:
+            flags = accelerator.reduce(flags, "sum")
+        not_finite, stop_any = flags.tolist()
+        if not_finite:
+            raise NonFiniteLoss(f"training loss is {loss.item()} (on this or another process) at step {steps} of the epoch")
+        accelerator.backward(loss)
+        if grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        total += loss.detach()
+        steps += 1
+        if on_step is not None:
+            on_step()
+        if stop_any:
+            raise Interrupted(f"stopped by a signal after step {steps} of the epoch")
+    _synchronize(accelerator.device)
+    seconds = time.perf_counter() - start
+    return EpochStats(loss=(total / max(1, steps)).item(), images=len(loader.dataset), seconds=seconds)
+
+
+@dataclass
+class Predictions:
+    """Evaluation output on all processes: scores float32 [N, C] (sigmoid), targets, ignore."""
+
+    scores: np.ndarray
+    targets: np.ndarray
+    ignore: np.ndarray
+    seconds: float
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Any,
+    accelerator: Accelerator,
+    prepare: Callable[[torch.Tensor], torch.Tensor],
+    on_step: Callable[[], None] | None = None,
+) -> Predictions:
+    """Score every sample of ``loader`` once (duplicates from padding dropped)."""
+    model.eval()
+    scores, targets, ignores = [], [], []
+    start = time.perf_counter()
+    for inputs, target, ignore in loader:
+        with accelerator.autocast():
+            logits = model(prepare(inputs))
+        probs = torch.sigmoid(logits.float())
+        probs, target, ignore = accelerator.gather_for_metrics((probs, target, ignore))
+        scores.append(probs.cpu())
+        targets.append(target.cpu())
+        ignores.append(ignore.cpu())
+        if on_step is not None:
+            on_step()
+    _synchronize(accelerator.device)
+    seconds = time.perf_counter() - start
+    return Predictions(
+        scores=torch.cat(scores).numpy(),
+        targets=torch.cat(targets).numpy().astype(np.uint8),
+        ignore=torch.cat(ignores).numpy().astype(bool),
+        seconds=seconds,
+    )

@@ -1,0 +1,261 @@
+"""``nuswide``: NUS-WIDE in the format of seed document 002 (the learnopencv multi-label tutorial).
+
+One JSON file per split, as the tutorial's ``small_train.json`` / ``small_test.json``::
+
+    {"samples": [{"image_name": "51353_2739084573_16e9be31f5_m.jpg", "image_labels": ["clouds", "sky"]},
+                 ...],
+     "labels": ["house", "birds", "sun", ...]}
+
+and an images folder that ``image_name`` is relative to (``image_name`` may contain sub-folders, but
+may not leave the images folder).
+
+Layout (``root``)::
+
+    images/<image_name>                 # option image_dir; "" (default) = ROOT/images if it is a
+                                        # folder, else ROOT itself (the tutorial keeps the JSON files
+                                        # inside images/, so ROOT may be that folder)
+    {split}.json or small_{split}.json  # in ROOT or in the images folder (searched in that order);
+                                        # option annotations = "path/with/{split}.json" names them
+
+Splits: ``train`` and ``test`` (the tutorial's 5,000 / 1,000 images; NUS-WIDE's official
+161,789 / 107,859 split in the same format). One file per split, so the split is decided by whoever
+wrote the files; nothing is re-split here.
+
+Classes: the file's ``labels`` list, in file order (the tutorial binarises labels in that order: 27
+of the 81 concepts there, 81 for the full set). Both splits must carry the same list (checked when
+the other split's file is present), so a test split can never be scored with a shifted class order.
+Every name in ``image_labels`` must be in ``labels``. Samples without labels are kept, as the
+tutorial's loader keeps them (``keep_unlabeled = false`` drops them). Order: the file's ``samples``.
+
+Errors (:class:`bench.errors.DataError`, naming the file and the sample / line): a missing JSON or
+images folder, a malformed sample, an unknown label, an image path that escapes the images folder,
+an empty split, an image absent from disk (checked at construction, one ``os.scandir`` per folder).
+An image that exists but cannot be decoded raises :class:`bench.dataset.UnreadableImage`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import re
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bench.dataset import MultiLabelDataset, UnreadableImage
+from bench.errors import DataError
+from bench.registry import register_dataset
+
+EXPECTED_LAYOUT = (
+    "nuswide expects ROOT/images/<image_name> and ROOT/{split}.json or ROOT/small_{split}.json "
+    '(seed 002 format: {"samples": [{"image_name", "image_labels"}], "labels": [...]})'
+)
+SPLIT_FILE_PATTERNS = ("{split}.json", "small_{split}.json")
+
+
+# -- file helpers (the same small set in every file-backed plugin; plugins never import each other)
+
+
+def _files_digest(named: Iterable[tuple[str, os.DirEntry]]) -> str:
+    """A digest of the (name, size, mtime) of files, in order (``DirEntry.stat``, no path lookups)."""
+    digest = hashlib.sha256()
+    for name, entry in named:
+        st = entry.stat()
+        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """Decode ``path`` fully as RGB; a file that cannot be decoded raises :class:`UnreadableImage`."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # truncated files fail here (ImageFile.LOAD_TRUNCATED_IMAGES is left False)
+            return image.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image file {path} is missing (it was present when the dataset was built)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"{path}: {type(exc).__name__}: {exc}") from exc
+
+
+def _safe_relpath(rel: object, base: Path, where: Callable[[], str]) -> str:
+    """``rel`` normalised, or a DataError when it is not a relative path staying inside ``base``."""
+    if not isinstance(rel, str) or not rel.strip():
+        raise DataError(f"{where()}: image path {rel!r} is empty or not a string")
+    rel = rel.strip()
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", rel):
+        raise DataError(f"{where()}: image path {rel!r} is absolute; paths must be relative to {base} and stay inside it")
+    norm = posixpath.normpath(rel)
+    if norm == ".." or norm.startswith("../"):
+        raise DataError(f"{where()}: image path {rel!r} escapes {base} ('..' leads outside it)")
+    return norm
+
+
+def _inside(path: str, anchor: str) -> bool:
+    return path == anchor or path.startswith(anchor.rstrip(os.sep) + os.sep)
+
+
+def _index_images(base: Path, paths: Sequence[str], where: Callable[[int], str]) -> str:
+    """Check that every ``base/path`` exists and resolves inside ``base``; return the files' digest.
+
+    One ``os.scandir`` per distinct folder; symlinks (files or folders) must resolve inside
+    ``base``. ``where(i)`` describes path i for error messages (file and line / sample).
+    """
+    anchor = os.path.realpath(base)
+    by_dir: dict[str, dict[str, os.DirEntry]] = {}
+    missing: list[int] = []
+    entries: list[os.DirEntry] = []
+    for i, rel in enumerate(paths):
+        folder, name = posixpath.split(rel)
+        if folder not in by_dir:
+            real = os.path.realpath(base / folder)
+            if not _inside(real, anchor):
+                raise DataError(f"{where(i)}: image path {rel!r} escapes {base}: folder {folder!r} resolves to {real}")
+            try:
+                with os.scandir(base / folder) as it:
+                    by_dir[folder] = {e.name: e for e in it}
+            except (FileNotFoundError, NotADirectoryError):
+                by_dir[folder] = {}
+        entry = by_dir[folder].get(name)
+        if entry is None or entry.is_dir():
+            missing.append(i)
+            continue
+        if entry.is_symlink() and not _inside(os.path.realpath(entry.path), anchor):
+            raise DataError(f"{where(i)}: image path {rel!r} is a symlink resolving outside {base} (to {os.path.realpath(entry.path)})")
+        entries.append(entry)
+    if missing:
+        shown = "; ".join(f"{where(i)}: {paths[i]}" for i in missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DataError(f"{len(missing)} image file(s) are missing from {base}: {shown}{more}")
+    return _files_digest(zip(paths, entries))
+
+
+def _line_of(text: str, needle: str) -> int:
+    """1-based line of the first occurrence of ``needle`` in ``text`` (0 when absent)."""
+    pos = text.find(needle)
+    return 0 if pos < 0 else text.count("\n", 0, pos) + 1
+
+
+# -- NUS-WIDE
+
+
+def read_split_file(path: Path) -> tuple[str, dict]:
+    """Text and parsed content of a seed-002 JSON file (validated at the top level)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+    except FileNotFoundError:
+        raise DataError(f"nuswide: annotation file {path} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("samples"), list) or not isinstance(data.get("labels"), list):
+        raise DataError(f'{path}: expected {{"samples": [...], "labels": [...]}} (the seed 002 format)')
+    labels = data["labels"]
+    if not all(isinstance(c, str) for c in labels) or len(set(labels)) != len(labels):
+        raise DataError(f"{path}: 'labels' must be a list of distinct strings")
+    return text, data
+
+
+@register_dataset("nuswide")
+class NUSWide(MultiLabelDataset):
+    """NUS-WIDE, seed 002 format (see the module docstring)."""
+
+    splits = ("train", "test")
+    train_split = "train"
+    test_split = "test"
+    needs_root = True
+    expected_layout = EXPECTED_LAYOUT
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        split: str = "train",
+        *,
+        image_dir: str = "",
+        annotations: str = "",
+        keep_unlabeled: bool = True,
+    ) -> None:
+        if root is None:
+            raise ValueError(f"no data root given; {EXPECTED_LAYOUT}")
+        if annotations and "{split}" not in annotations:
+            raise ValueError(f"option annotations = {annotations!r} must contain '{{split}}' (one file per split)")
+        if not isinstance(keep_unlabeled, bool):
+            raise ValueError(f"option keep_unlabeled must be true or false, got {keep_unlabeled!r}")
+        self.split = self.check_split(split)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DataError(f"nuswide: data root {self.root} does not exist; {EXPECTED_LAYOUT}")
+        if image_dir:
+            self.image_dir = self.root / image_dir
+            if not self.image_dir.is_dir():
+                raise DataError(f"nuswide: images folder {self.image_dir} does not exist (option image_dir = {image_dir!r})")
+        else:
+            self.image_dir = self.root / "images" if (self.root / "images").is_dir() else self.root
+        self.annotation_file = self._split_file(split, annotations)
+        if self.annotation_file is None:
+            tried = ", ".join(str(p) for p in self._candidates(split, annotations))
+            raise DataError(f"nuswide split {split!r}: no annotation file; looked for {tried}")
+        text, data = read_split_file(self.annotation_file)
+        self.classes = list(data["labels"])
+        for other in self.splits:
+            other_file = self._split_file(other, annotations) if other != split else None
+            if other_file is not None and read_split_file(other_file)[1]["labels"] != self.classes:
+                raise DataError(
+                    f"nuswide: the 'labels' lists of {self.annotation_file} and {other_file} differ; "
+                    "both splits must use the same classes in the same order"
+                )
+        samples = data["samples"]
+
+        def at(i: int) -> str:  # "<file>, sample i (line L)" -- computed only for an error message
+            name = samples[i].get("image_name") if isinstance(samples[i], dict) else None
+            line = _line_of(text, json.dumps(name)) if isinstance(name, str) else 0
+            return f"{self.annotation_file}, sample {i + 1}" + (f" (line {line})" if line else "")
+
+        index = {c: k for k, c in enumerate(self.classes)}
+        names, kept, rows = [], [], []
+        for i, sample in enumerate(samples):
+            if not isinstance(sample, dict) or "image_name" not in sample or not isinstance(sample.get("image_labels"), list):
+                raise DataError(f"{at(i)}: expected {{\"image_name\": ..., \"image_labels\": [...]}}, got {sample!r:.120}")
+            row = np.zeros(len(self.classes), dtype=np.uint8)
+            for label in sample["image_labels"]:
+                if label not in index:
+                    raise DataError(f"{at(i)}: label {label!r} of {sample['image_name']!r} is not in the file's 'labels' list")
+                row[index[label]] = 1
+            if not keep_unlabeled and not row.any():
+                continue
+            names.append(_safe_relpath(sample["image_name"], self.image_dir, lambda i=i: at(i)))
+            kept.append(i)
+            rows.append(row)
+        if not names:
+            raise DataError(f"nuswide split {split!r} is empty: {self.annotation_file} has no {'samples' if keep_unlabeled else 'labelled samples'}")
+        self.image_names = names
+        self.targets = np.stack(rows)
+        self.ignore = np.zeros(self.targets.shape, dtype=bool)
+        image_digest = _index_images(self.image_dir, names, lambda k: at(kept[k]))
+        self._fingerprint = f"nuswide-v1 {split} {_stat_key(self.annotation_file)} images={image_digest}"
+
+    def _candidates(self, split: str, annotations: str) -> list[Path]:
+        if annotations:
+            return [self.root / annotations.replace("{split}", split)]
+        folders = [self.root] + ([self.image_dir] if self.image_dir != self.root else [])
+        return [folder / p.replace("{split}", split) for folder in folders for p in SPLIT_FILE_PATTERNS]
+
+    def _split_file(self, split: str, annotations: str) -> Path | None:
+        return next((p for p in self._candidates(split, annotations) if p.is_file()), None)
+
+    def load_image(self, index: int) -> Image.Image:
+        return _open_rgb(self.image_dir / self.image_names[index])
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def image_id(self, index: int) -> str:
+        return self.image_names[index]
