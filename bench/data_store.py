@@ -98,9 +98,14 @@ class DataStore:
         key = f"{cell.backbone}\x1f{cell.recipe['image_size']}"
         if key not in self._profiles:
             size = cell.recipe["image_size"]
-            example = torch.rand(1, 3, size, size, device=next(model.parameters()).device)
+            example = torch.zeros(1, 3, size, size, device=next(model.parameters()).device)
+            # eval mode: a forward in train mode would move BatchNorm statistics of the model
+            # about to be trained (and make the first cell of a launch differ from the others)
+            was_training = model.training
+            model.eval()
             with torch.no_grad():
                 shape = tuple(model.features(example).shape[1:])
+            model.train(was_training)
             self._profiles[key] = (shape, flops_per_image(model.backbone, example))
         return self._profiles[key]
 

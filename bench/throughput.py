@@ -100,8 +100,9 @@ class HeadCost:
 
 def head_cost(head: nn.Module, feature_shape: tuple[int, int, int], device: torch.device, repeats: int = 20) -> HeadCost:
     """Latency at batch 1 and 64, FLOPs and trainable parameters of ``head`` on [B, d, h, w] inputs."""
-    one = torch.randn(1, *feature_shape, device=device)
-    many = torch.randn(64, *feature_shape, device=device)
+    generator = torch.Generator().manual_seed(0)  # leave the global RNG of the run untouched
+    many = torch.randn(64, *feature_shape, generator=generator).to(device)
+    one = many[:1].clone()
     return HeadCost(
         latency_b1_ms=median_latency_ms(head, one, repeats),
         latency_b64_ms=median_latency_ms(head, many, repeats),

@@ -116,3 +116,16 @@ def test_frozen_features_built_by_two_processes_equal_one_process(tiny_grid: Pat
         assert np.allclose(one.astype(np.float32), two.astype(np.float32), rtol=1e-3, atol=1e-5)
     rows = load_all(tmp_path / "r2")
     assert set(rows["protocol"]) == {"frozen"} and (rows["world_size"] == 2).all()
+
+
+def test_a_cell_gives_the_same_result_whatever_ran_before_it_in_the_process(one_process_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """Nothing leaks from one cell to the next (model state, BatchNorm statistics, RNG)."""
+    grid, reference = one_process_run
+    alone = tmp_path / "max_only.toml"
+    alone.write_text(grid.read_text().replace('pool = ["avg", "max"]', 'pool = ["max"]'))
+    result = run_cli("--grid", str(alone), "--results", str(tmp_path / "r"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    mine = load_all(tmp_path / "r").set_index("run_id")
+    theirs = load_all(reference).set_index("run_id").loc[mine.index]  # there, the max cell ran second
+    for metric in ("mAP", "CF1", "final_train_loss"):
+        assert (mine[metric] == theirs[metric]).all(), metric
