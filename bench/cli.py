@@ -116,15 +116,21 @@ def cmd_run(argv: list[str]) -> int:
         grid.cells = shard_cells(grid.cells, shard, count)
         shard_text = f" (shard {shard}/{count})"
     if args.dry_run:
-        console.print(f"grid {grid.name}{shard_text} ({grid.path}): {len(grid.cells)} cells")
+        console.print(f"grid {grid.name}{shard_text} ({grid.path}): {len(grid.cells)} cells", soft_wrap=True)
         for line in grid.skipped:
-            console.print(f"  {line}")
+            console.print(f"  {line}", soft_wrap=True, highlight=False)
         for i, cell in enumerate(grid.cells):
-            console.print(f"  {i + 1:4d}  {cell.run_id}  {cell.describe()}", highlight=False)
+            console.print(f"  {i + 1:4d}  {cell.run_id}  {cell.describe()}", soft_wrap=True, highlight=False)
+        if grid.cells:
+            from bench.data_store import DataStore
+            from bench.runner import preflight
+
+            preflight(grid, DataStore(_make_accelerator()))  # builds every dataset, backbone and head; trains nothing
+            console.print("every dataset, backbone and head of these cells builds", soft_wrap=True)
         return 0
     if not grid.cells:
         for line in grid.skipped:
-            console.print(line)
+            console.print(line, soft_wrap=True, highlight=False)
         raise UsageError(f"{grid.path}: no cell to run (every dataset was skipped)")
 
     from bench import report, results
@@ -138,7 +144,7 @@ def cmd_run(argv: list[str]) -> int:
     if main:
         results.check_writable(results_dir)
         for line in grid.skipped:
-            console.print(line)
+            console.print(line, soft_wrap=True, highlight=False)
         console.print(f"grid {grid.name}{shard_text}: {len(grid.cells)} cells on {accelerator.num_processes} process(es), device {accelerator.device}")
     with StopRequest() as stop, Progress(enabled=main, console=console) as progress:
         summary = run_grid(grid, results_dir, accelerator, progress, stop, retry_failed=args.retry_failed)

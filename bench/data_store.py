@@ -83,8 +83,8 @@ class DataStore:
         size = cell.recipe["image_size"]
         images = self.splits(cell).train if which == "train" else self.splits(cell).test
         ikey = image_cache.cache_key(self.dataset(cell, split), size)
-        b = model.backbone
-        identity = features.backbone_identity(b.origin, tuple(b.mean), tuple(b.std), cell.seed)
+        mean, std = tuple(model.mean.flatten().tolist()), tuple(model.std.flatten().tolist())  # as applied
+        identity = features.backbone_identity(model.backbone.origin, mean, std, cell.seed)
         key = features.feature_key(ikey, cell.backbone, identity, cell.recipe["feature_dtype"])
         if key not in self._features:
             model.to(self.accelerator.device).eval()

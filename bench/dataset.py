@@ -23,7 +23,7 @@ from PIL import Image
 
 from bench.errors import DataError, choices
 
-DIFFICULT_POLICIES = ("ignore", "positive", "negative")
+DIFFICULT_POLICIES = ("ignore", "positive", "negative", "train_positive")
 
 
 class UnreadableImage(Exception):
@@ -97,7 +97,8 @@ def apply_difficult_policy(
         positive: bool [N, C], True where the label is a (non-difficult) positive.
         difficult: bool [N, C], True where the label is marked difficult.
         policy: ``"ignore"`` (negative in training, ignored in evaluation; the papers' protocol),
-            ``"positive"`` or ``"negative"`` (counted as that label everywhere).
+            ``"positive"`` or ``"negative"`` (counted as that label everywhere), or
+            ``"train_positive"`` (positive in training, ignored in evaluation: ML-GCN's release).
 
     Returns:
         ``(targets uint8 [N, C], ignore bool [N, C])``.
@@ -110,6 +111,8 @@ def apply_difficult_policy(
         return (positive | difficult).astype(np.uint8), np.zeros_like(positive)
     if policy == "negative":
         return positive.astype(np.uint8), np.zeros_like(positive)
+    if policy == "train_positive":  # evaluation never reads an ignored entry's target
+        return (positive | difficult).astype(np.uint8), difficult
     return positive.astype(np.uint8), difficult
 
 

@@ -61,6 +61,10 @@ KEYS: dict[str, Key] = {
     "grad_clip": Key((float,), 0.0, minimum=0.0, doc="max gradient norm; 0 = no clipping"),
     "mixed_precision": Key((str,), "no", ("no", "fp16", "bf16")),
     "freeze_backbone": Key((bool,), False, doc="finetune protocol with the backbone's weights fixed"),
+    "input_normalization": Key(
+        (str,), "backbone", ("backbone", "none"),
+        doc="backbone: the mean/std the backbone's weights were trained with; none: pixels in [0, 1] (CSRA's release)",
+    ),
     "feature_dtype": Key((str,), "float16", ("float16", "float32"), doc="storage of cached features (frozen protocol)"),
 }
 

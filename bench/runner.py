@@ -176,14 +176,15 @@ def build_model(cell: Cell, data: DataSplits, results_dir: Path) -> Classifier:
     backbone = build_backbone(cell.backbone, cell.weights)
     head = build_head(cell.head, backbone.out_channels, len(data.classes), data.context, **cell.hparams)
     frozen = cell.recipe["freeze_backbone"] or cell.recipe["protocol"] == "frozen"
+    normalize = cell.recipe["input_normalization"] == "backbone"
     if cell.source_run_id is None:
-        return Classifier(backbone, head, freeze_backbone=frozen)
+        return Classifier(backbone, head, freeze_backbone=frozen, normalize=normalize)
     source_row = results.run_row(results_dir, cell.source_run_id)
     if source_row.get("status") != "finished":
         raise UsageError(f"head {cell.head!r} reuses run {cell.source_run_id}, which has not finished (status {source_row.get('status')})")
     source_config = json.loads(source_row["config"])["head"]
     source_head = build_head(source_config["name"], backbone.out_channels, len(data.classes), data.context, **source_config["hparams"])
-    model = Classifier(backbone, source_head, freeze_backbone=frozen)
+    model = Classifier(backbone, source_head, freeze_backbone=frozen, normalize=normalize)
     _load_trained(model, results_dir, cell.source_run_id, frozen)
     head.adopt(source_head)
     model.head = head
@@ -333,8 +334,8 @@ def run_cell(cell: Cell, ctx: RunContext, lock: RunLock | None = None) -> dict[s
         total_params=sum(p.numel() for p in model.parameters()),
         backbone_flops=ctx.store.backbone_flops(cell, model),
         weights_origin=model.backbone.origin,
-        input_mean=list(model.backbone.mean),
-        input_std=list(model.backbone.std),
+        input_mean=model.mean.flatten().tolist(),
+        input_std=model.std.flatten().tolist(),
         feature_shape=list(inputs.feature_shape),
     )
     if accelerator.is_main_process:
@@ -452,7 +453,7 @@ def evaluate_run(run_id: str, results_dir: Path, accelerator: Accelerator, data_
     set_seed(cell.seed)  # a random-init backbone is redrawn exactly as in training
     backbone = build_backbone(cell.backbone, cell.weights)
     head = build_head(cell.head, backbone.out_channels, len(data.classes), data.context, **cell.hparams)
-    model = Classifier(backbone, head)
+    model = Classifier(backbone, head, normalize=cell.recipe.get("input_normalization", "backbone") == "backbone")
     _load_trained(model, results_dir, run_id, frozen=row.get("protocol") == "frozen")
     loader = torch.utils.data.DataLoader(image_cache.CachedImages(data.test), batch_size=_eval_batch_size(cell.recipe, accelerator.num_processes))
     model, loader = accelerator.prepare(model, loader)

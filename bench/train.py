@@ -34,14 +34,17 @@ class NonFiniteLoss(RuntimeError):
 class Classifier(nn.Module):
     """Normalisation, backbone, head: images float [B, 3, H, W] in [0, 1] -> logits [B, C]."""
 
-    def __init__(self, backbone: Backbone, head: nn.Module, freeze_backbone: bool = False) -> None:
+    def __init__(self, backbone: Backbone, head: nn.Module, freeze_backbone: bool = False, normalize: bool = True) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.freeze_backbone = freeze_backbone
-        # each backbone carries the input normalisation its weights were trained with
-        self.register_buffer("mean", torch.tensor(getattr(backbone, "mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(getattr(backbone, "std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
+        # each backbone carries the input normalisation its weights were trained with;
+        # normalize=False feeds [0, 1] pixels as they are (recipe input_normalization = "none")
+        mean = getattr(backbone, "mean", IMAGENET_MEAN) if normalize else (0.0, 0.0, 0.0)
+        std = getattr(backbone, "std", IMAGENET_STD) if normalize else (1.0, 1.0, 1.0)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         if freeze_backbone:
             self.backbone.requires_grad_(False)
 

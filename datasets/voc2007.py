@@ -20,7 +20,8 @@ that of ``{split}.txt`` (or of the first class file when ``{split}.txt`` is abse
 
 Options:
     difficult: ``"ignore"`` (default: negative in training, ignored in evaluation -- the papers'
-        protocol), ``"positive"`` or ``"negative"`` (:func:`bench.dataset.apply_difficult_policy`).
+        protocol), ``"positive"``, ``"negative"``, or ``"train_positive"`` (positive in training,
+        ignored in evaluation -- ML-GCN's release) (:func:`bench.dataset.apply_difficult_policy`).
         It is a dataset option, so it is part of every run's configuration and recorded in its row.
     label_source: ``"auto"`` (class label files if present, else XML), ``"files"`` or ``"xml"``.
 

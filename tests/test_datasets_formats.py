@@ -81,9 +81,9 @@ def voc_expected(policy: str) -> tuple[np.ndarray, np.ndarray]:
     targets[0, C["dog"]] = targets[1, C["cat"]] = targets[1, C["person"]] = 1
     difficult = [(0, C["person"]), (1, C["sofa"]), (2, C["person"]), (2, C["dog"])]
     for i, c in difficult:
-        if policy == "ignore":
+        if policy in ("ignore", "train_positive"):
             ignore[i, c] = True
-        elif policy == "positive":
+        if policy in ("positive", "train_positive"):
             targets[i, c] = 1
     return targets, ignore
 
@@ -117,7 +117,7 @@ def make_voc(base: Path, *, label_files: bool = True, xml: bool = False, split: 
     return base
 
 
-@pytest.mark.parametrize("policy", ["ignore", "positive", "negative"])
+@pytest.mark.parametrize("policy", ["ignore", "positive", "negative", "train_positive"])
 @pytest.mark.parametrize("variant", ["label_files", "xml_only"])
 def test_voc_targets_and_ignore_element_by_element(tmp_path: Path, policy: str, variant: str) -> None:
     root = make_voc(tmp_path, label_files=variant == "label_files", xml=variant == "xml_only")

@@ -37,8 +37,12 @@ def test_full_dry_run_lists_cells_and_one_skip_per_missing_root(tmp_path: Path, 
     voc.mkdir()
     results = tmp_path / "results"
     status = cli.main(["--grid", "full", "--dry-run", "--data-root", f"voc2007={voc}", "--results", str(results)])
-    out = capsys.readouterr().out
-    assert status == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    # the cells are listed, then the dry run builds every dataset / backbone / head: the empty
+    # VOC folder is reported (usage error) before anyone launches the grid
+    assert status == 2
+    assert f"{voc} is not a VOC2007 folder" in flat(captured.err)
     text = flat(out)
     cells = 2 * 3 * CELLS_PER_SETUP  # backbones x seeds x heads, voc2007 only
     assert "grid full (" in text
@@ -60,7 +64,7 @@ def test_full_dry_run_with_every_root_and_none(tmp_path: Path, no_roots: None, m
         folder = tmp_path / var
         folder.mkdir()
         monkeypatch.setenv(var, str(folder))
-    assert cli.main(["--grid", "full", "--dry-run"]) == 0
+    assert cli.main(["--grid", "full", "--dry-run"]) == 2  # listed, then the empty folders are reported
     text = flat(capsys.readouterr().out)
     assert f": {3 * 2 * 3 * CELLS_PER_SETUP} cells" in text and "skipped" not in text
     for var in ROOT_VARS:

@@ -99,3 +99,14 @@ def test_both_losses_are_mean_binary_cross_entropy() -> None:
     by_hand = -(targets * p.log() + (1 - targets) * (1 - p).log()).mean()
     for loss in ("bce", "multilabel_soft_margin"):
         assert make_loss(recipe(loss=loss))(logits, targets).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_input_normalization_none_feeds_pixels_unchanged() -> None:
+    backbone = build_backbone("tiny_cnn").eval()
+    images = torch.rand(2, 3, 32, 32)
+    raw = Classifier(backbone, nn.Identity(), normalize=False).eval()
+    assert torch.equal(raw.features(images), backbone(images))
+    imagenet = Classifier(backbone, nn.Identity()).eval()
+    expected = backbone((images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+    assert torch.allclose(imagenet.features(images), expected, atol=1e-6)
+    assert recipe(preset="csra_voc")["input_normalization"] == "none"  # CSRA's release: Normalize(0, 1)
