@@ -8,9 +8,7 @@ this store for them cell by cell.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -21,15 +19,11 @@ from bench.dataset import MultiLabelDataset
 from bench.errors import UsageError
 from bench.features import FeatureSplit
 from bench.grid import Cell
+from bench.paths import cache_dir
 from bench.progress import Progress
 from bench.registry import build_dataset
 from bench.throughput import flops_per_image
 from bench.train import Classifier
-
-
-def cache_dir() -> Path:
-    """Where decoded images and generated data are cached: ``$HEADBENCH_CACHE`` or ``~/.cache/headbench``."""
-    return Path(os.environ.get("HEADBENCH_CACHE") or Path.home() / ".cache" / "headbench")
 
 
 @dataclass

@@ -322,10 +322,10 @@ def load_grid(
             recipe=recipe, seed=seed, root=root, recipe_preset=preset,
         )
         cells.append(cell)
-    return Grid(name=path.stem, path=path, description=data.get("description", ""), cells=_with_sources(cells), skipped=skipped, run=run)
+    return Grid(name=path.stem, path=path, description=data.get("description", ""), cells=with_sources(cells), skipped=skipped, run=run)
 
 
-def _with_sources(cells: list[Cell]) -> list[Cell]:
+def with_sources(cells: list[Cell]) -> list[Cell]:
     """Drop duplicate cells, and put the source run of every derived head just before it.
 
     A head class with ``derived_from = (head, hparams)`` is not trained: it reuses the trained

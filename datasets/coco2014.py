@@ -36,14 +36,15 @@ import io
 import json
 import os
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from bench.atomic import atomic_write_bytes
-from bench.dataset import MultiLabelDataset, UnreadableImage
+from bench.dataset import MultiLabelDataset
+from bench.image_files import files_digest, missing_images, open_rgb, scan_files, stat_key
+from bench.paths import cache_dir
 from bench.errors import DataError
 from bench.registry import register_dataset
 
@@ -53,54 +54,6 @@ EXPECTED_LAYOUT = (
     "coco2014 expects ROOT/train2014/*.jpg, ROOT/val2014/*.jpg and "
     "ROOT/annotations/instances_{train,val}2014.json"
 )
-
-
-# -- file helpers (the same small set in every file-backed plugin; plugins never import each other)
-
-
-def _scan_files(folder: Path, what: str) -> dict[str, os.DirEntry]:
-    """``name -> DirEntry`` of the non-directory entries of ``folder`` (one ``os.scandir``)."""
-    try:
-        with os.scandir(folder) as entries:
-            return {e.name: e for e in entries if not e.is_dir()}
-    except (FileNotFoundError, NotADirectoryError):
-        raise DataError(f"{what} folder {folder} does not exist") from None
-
-
-def _files_digest(named: Iterable[tuple[str, os.DirEntry]]) -> str:
-    """A digest of the (name, size, mtime) of files, in order (``DirEntry.stat``, no path lookups)."""
-    digest = hashlib.sha256()
-    for name, entry in named:
-        st = entry.stat()
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
-
-
-def _stat_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _missing_images(missing: list[str], folder: Path, source: str) -> DataError:
-    shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-    return DataError(f"{len(missing)} image file(s) listed in {source} are missing from {folder}: {shown}")
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully as RGB; a file that cannot be decoded raises :class:`UnreadableImage`."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # truncated files fail here (ImageFile.LOAD_TRUNCATED_IMAGES is left False)
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file {path} is missing (it was present when the dataset was built)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"{path}: {type(exc).__name__}: {exc}") from exc
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("HEADBENCH_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "headbench") / "coco2014"
 
 
 # -- COCO
@@ -157,7 +110,7 @@ def load_instances(path: Path) -> dict[str, np.ndarray]:
     """:func:`parse_instances`, through the on-disk label cache (best effort: never required)."""
     st = path.stat()
     key = hashlib.sha256(f"{LABEL_CACHE_VERSION}\0{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:20]
-    cache = _cache_root() / f"labels_{key}.npz"
+    cache = cache_dir("coco2014") / f"labels_{key}.npz"
     if cache.is_file():
         try:
             with np.load(cache, allow_pickle=False) as stored:
@@ -212,15 +165,15 @@ class COCO2014(MultiLabelDataset):
         if not self.file_names:
             raise DataError(f"coco2014 split {split!r} is empty: {self.annotation_file} has no {'images' if keep_unlabeled else 'labelled images'}")
         self.image_dir = self.root / f"{split}2014"
-        files = _scan_files(self.image_dir, "coco2014 image")
+        files = scan_files(self.image_dir, "coco2014 image")
         missing = [n for n in self.file_names if n not in files]
         if missing:
-            raise _missing_images(missing, self.image_dir, str(self.annotation_file))
-        image_digest = _files_digest((n, files[n]) for n in self.file_names)
-        self._fingerprint = f"coco2014-v1 {split} {_stat_key(self.annotation_file)} images={image_digest}"
+            raise missing_images(missing, self.image_dir, str(self.annotation_file))
+        image_digest = files_digest((n, files[n]) for n in self.file_names)
+        self._fingerprint = f"coco2014-v1 {split} {stat_key(self.annotation_file)} images={image_digest}"
 
     def load_image(self, index: int) -> Image.Image:
-        return _open_rgb(self.image_dir / self.file_names[index])
+        return open_rgb(self.image_dir / self.file_names[index])
 
     def fingerprint(self) -> str:
         return self._fingerprint

@@ -35,18 +35,15 @@ An image that exists but cannot be decoded raises :class:`bench.dataset.Unreadab
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import posixpath
-import re
-from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bench.dataset import MultiLabelDataset, UnreadableImage
+from bench.dataset import MultiLabelDataset
+from bench.image_files import index_images, line_of, open_rgb, safe_relpath, stat_key
 from bench.errors import DataError
 from bench.registry import register_dataset
 
@@ -55,93 +52,6 @@ EXPECTED_LAYOUT = (
     '(seed 002 format: {"samples": [{"image_name", "image_labels"}], "labels": [...]})'
 )
 SPLIT_FILE_PATTERNS = ("{split}.json", "small_{split}.json")
-
-
-# -- file helpers (the same small set in every file-backed plugin; plugins never import each other)
-
-
-def _files_digest(named: Iterable[tuple[str, os.DirEntry]]) -> str:
-    """A digest of the (name, size, mtime) of files, in order (``DirEntry.stat``, no path lookups)."""
-    digest = hashlib.sha256()
-    for name, entry in named:
-        st = entry.stat()
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
-
-
-def _stat_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully as RGB; a file that cannot be decoded raises :class:`UnreadableImage`."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # truncated files fail here (ImageFile.LOAD_TRUNCATED_IMAGES is left False)
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file {path} is missing (it was present when the dataset was built)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"{path}: {type(exc).__name__}: {exc}") from exc
-
-
-def _safe_relpath(rel: object, base: Path, where: Callable[[], str]) -> str:
-    """``rel`` normalised, or a DataError when it is not a relative path staying inside ``base``."""
-    if not isinstance(rel, str) or not rel.strip():
-        raise DataError(f"{where()}: image path {rel!r} is empty or not a string")
-    rel = rel.strip()
-    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", rel):
-        raise DataError(f"{where()}: image path {rel!r} is absolute; paths must be relative to {base} and stay inside it")
-    norm = posixpath.normpath(rel)
-    if norm == ".." or norm.startswith("../"):
-        raise DataError(f"{where()}: image path {rel!r} escapes {base} ('..' leads outside it)")
-    return norm
-
-
-def _inside(path: str, anchor: str) -> bool:
-    return path == anchor or path.startswith(anchor.rstrip(os.sep) + os.sep)
-
-
-def _index_images(base: Path, paths: Sequence[str], where: Callable[[int], str]) -> str:
-    """Check that every ``base/path`` exists and resolves inside ``base``; return the files' digest.
-
-    One ``os.scandir`` per distinct folder; symlinks (files or folders) must resolve inside
-    ``base``. ``where(i)`` describes path i for error messages (file and line / sample).
-    """
-    anchor = os.path.realpath(base)
-    by_dir: dict[str, dict[str, os.DirEntry]] = {}
-    missing: list[int] = []
-    entries: list[os.DirEntry] = []
-    for i, rel in enumerate(paths):
-        folder, name = posixpath.split(rel)
-        if folder not in by_dir:
-            real = os.path.realpath(base / folder)
-            if not _inside(real, anchor):
-                raise DataError(f"{where(i)}: image path {rel!r} escapes {base}: folder {folder!r} resolves to {real}")
-            try:
-                with os.scandir(base / folder) as it:
-                    by_dir[folder] = {e.name: e for e in it}
-            except (FileNotFoundError, NotADirectoryError):
-                by_dir[folder] = {}
-        entry = by_dir[folder].get(name)
-        if entry is None or entry.is_dir():
-            missing.append(i)
-            continue
-        if entry.is_symlink() and not _inside(os.path.realpath(entry.path), anchor):
-            raise DataError(f"{where(i)}: image path {rel!r} is a symlink resolving outside {base} (to {os.path.realpath(entry.path)})")
-        entries.append(entry)
-    if missing:
-        shown = "; ".join(f"{where(i)}: {paths[i]}" for i in missing[:5])
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise DataError(f"{len(missing)} image file(s) are missing from {base}: {shown}{more}")
-    return _files_digest(zip(paths, entries))
-
-
-def _line_of(text: str, needle: str) -> int:
-    """1-based line of the first occurrence of ``needle`` in ``text`` (0 when absent)."""
-    pos = text.find(needle)
-    return 0 if pos < 0 else text.count("\n", 0, pos) + 1
 
 
 # -- NUS-WIDE
@@ -216,7 +126,7 @@ class NUSWide(MultiLabelDataset):
 
         def at(i: int) -> str:  # "<file>, sample i (line L)" -- computed only for an error message
             name = samples[i].get("image_name") if isinstance(samples[i], dict) else None
-            line = _line_of(text, json.dumps(name)) if isinstance(name, str) else 0
+            line = line_of(text, json.dumps(name)) if isinstance(name, str) else 0
             return f"{self.annotation_file}, sample {i + 1}" + (f" (line {line})" if line else "")
 
         index = {c: k for k, c in enumerate(self.classes)}
@@ -231,7 +141,7 @@ class NUSWide(MultiLabelDataset):
                 row[index[label]] = 1
             if not keep_unlabeled and not row.any():
                 continue
-            names.append(_safe_relpath(sample["image_name"], self.image_dir, lambda i=i: at(i)))
+            names.append(safe_relpath(sample["image_name"], self.image_dir, lambda i=i: at(i)))
             kept.append(i)
             rows.append(row)
         if not names:
@@ -239,8 +149,8 @@ class NUSWide(MultiLabelDataset):
         self.image_names = names
         self.targets = np.stack(rows)
         self.ignore = np.zeros(self.targets.shape, dtype=bool)
-        image_digest = _index_images(self.image_dir, names, lambda k: at(kept[k]))
-        self._fingerprint = f"nuswide-v1 {split} {_stat_key(self.annotation_file)} images={image_digest}"
+        image_digest = index_images(self.image_dir, names, lambda k: at(kept[k]))
+        self._fingerprint = f"nuswide-v1 {split} {stat_key(self.annotation_file)} images={image_digest}"
 
     def _candidates(self, split: str, annotations: str) -> list[Path]:
         if annotations:
@@ -252,7 +162,7 @@ class NUSWide(MultiLabelDataset):
         return next((p for p in self._candidates(split, annotations) if p.is_file()), None)
 
     def load_image(self, index: int) -> Image.Image:
-        return _open_rgb(self.image_dir / self.image_names[index])
+        return open_rgb(self.image_dir / self.image_names[index])
 
     def fingerprint(self) -> str:
         return self._fingerprint

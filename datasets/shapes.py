@@ -109,6 +109,7 @@ import numpy as np
 
 from bench.atomic import atomic_write
 from bench.dataset import MultiLabelDataset
+from bench.paths import cache_dir
 from bench.registry import register_dataset
 
 #: bump when the generated data changes (it is part of the cache file names and the fingerprint)
@@ -178,8 +179,7 @@ _SPLIT_CODE = {"train": 0, "test": 1}
 
 def default_root() -> Path:
     """``$HEADBENCH_CACHE/shapes`` if the variable is set, else ``~/.cache/headbench/shapes``."""
-    base = os.environ.get("HEADBENCH_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "headbench") / "shapes"
+    return cache_dir("shapes")
 
 
 # ----------------------------------------------------------------------------------------------

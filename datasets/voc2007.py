@@ -39,16 +39,15 @@ the image cache.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import xml.etree.ElementTree as ET
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from bench.dataset import DIFFICULT_POLICIES, MultiLabelDataset, UnreadableImage, apply_difficult_policy
+from bench.dataset import DIFFICULT_POLICIES, MultiLabelDataset, apply_difficult_policy
+from bench.image_files import files_digest, missing_images, open_rgb, scan_files, stat_key
 from bench.errors import DataError, choices
 from bench.registry import register_dataset
 
@@ -63,49 +62,6 @@ EXPECTED_LAYOUT = (
     "JPEGImages/<id>.jpg and ImageSets/Main/{class}_{split}.txt "
     "(or ImageSets/Main/{split}.txt + Annotations/<id>.xml)"
 )
-
-
-# -- file helpers (the same small set in every file-backed plugin; plugins never import each other)
-
-
-def _scan_files(folder: Path, what: str) -> dict[str, os.DirEntry]:
-    """``name -> DirEntry`` of the non-directory entries of ``folder`` (one ``os.scandir``)."""
-    try:
-        with os.scandir(folder) as entries:
-            return {e.name: e for e in entries if not e.is_dir()}
-    except (FileNotFoundError, NotADirectoryError):
-        raise DataError(f"{what} folder {folder} does not exist") from None
-
-
-def _files_digest(named: Iterable[tuple[str, os.DirEntry]]) -> str:
-    """A digest of the (name, size, mtime) of files, in order (``DirEntry.stat``, no path lookups)."""
-    digest = hashlib.sha256()
-    for name, entry in named:
-        st = entry.stat()
-        digest.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:20]
-
-
-def _stat_key(path: Path) -> str:
-    st = path.stat()
-    return f"{path.name}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _missing_images(missing: list[str], folder: Path, source: str) -> DataError:
-    shown = ", ".join(missing[:5]) + (f" (and {len(missing) - 5} more)" if len(missing) > 5 else "")
-    return DataError(f"{len(missing)} image file(s) listed in {source} are missing from {folder}: {shown}")
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully as RGB; a file that cannot be decoded raises :class:`UnreadableImage`."""
-    try:
-        with Image.open(path) as image:
-            image.load()  # truncated files fail here (ImageFile.LOAD_TRUNCATED_IMAGES is left False)
-            return image.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file {path} is missing (it was present when the dataset was built)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"{path}: {type(exc).__name__}: {exc}") from exc
 
 
 # -- VOC
@@ -223,14 +179,14 @@ class VOC2007(MultiLabelDataset):
         self.label_source = "xml" if xml_digest else "files"
         self.targets, self.ignore = apply_difficult_policy(positive, difficult_mask, difficult)
         self.image_dir = self.root / "JPEGImages"
-        files = _scan_files(self.image_dir, "voc2007 image")
+        files = scan_files(self.image_dir, "voc2007 image")
         names = [f"{i}.jpg" for i in self.ids]
         missing = [n for n in names if n not in files]
         if missing:
-            raise _missing_images(missing, self.image_dir, str(self.label_files[-1]))
-        image_digest = _files_digest((n, files[n]) for n in names)
+            raise missing_images(missing, self.image_dir, str(self.label_files[-1]))
+        image_digest = files_digest((n, files[n]) for n in names)
         self._fingerprint = " ".join(
-            ["voc2007-v1", split, *(_stat_key(p) for p in self.label_files), f"xml={xml_digest}", f"images={image_digest}"]
+            ["voc2007-v1", split, *(stat_key(p) for p in self.label_files), f"xml={xml_digest}", f"images={image_digest}"]
         )
 
     # -- labels -----------------------------------------------------------------------------------
@@ -255,7 +211,7 @@ class VOC2007(MultiLabelDataset):
 
     def _labels_from_xml(self) -> tuple[np.ndarray, np.ndarray, str]:
         folder = self.root / "Annotations"
-        files = _scan_files(folder, "voc2007 annotation")
+        files = scan_files(folder, "voc2007 annotation")
         names = [f"{i}.xml" for i in self.ids]
         missing = [n for n in names if n not in files]
         if missing:
@@ -270,12 +226,12 @@ class VOC2007(MultiLabelDataset):
                     raise DataError(f"{folder / name}: object class {cls!r} is not one of the 20 VOC classes")
                 # positive: some instance is not difficult; difficult: ALL instances are difficult
                 (any_difficult if is_difficult else positive)[i, class_index[cls]] = True
-        return positive, any_difficult & ~positive, _files_digest((n, files[n]) for n in names)
+        return positive, any_difficult & ~positive, files_digest((n, files[n]) for n in names)
 
     # -- the MultiLabelDataset contract -----------------------------------------------------------
 
     def load_image(self, index: int) -> Image.Image:
-        return _open_rgb(self.image_dir / f"{self.ids[index]}.jpg")
+        return open_rgb(self.image_dir / f"{self.ids[index]}.jpg")
 
     def fingerprint(self) -> str:
         return self._fingerprint

@@ -41,7 +41,7 @@ BIAS_MODES = ("per_position", "once")
 class CSRAFreeHead(nn.Module):
     """mean + λ·max over positions of a trained baseline's per-position logits."""
 
-    #: training-free: reuse the trained average-pooling baseline (bench/grid.py ``_with_sources``)
+    #: training-free: reuse the trained average-pooling baseline (bench/grid.py ``with_sources``)
     derived_from = ("baseline", {"pool": "avg"})
 
     def __init__(

@@ -1,0 +1,376 @@
+"""``python -m bench.perf``: measure the harness's speed claims in one process run; write a report.
+
+Not a test: speed goals are measured here, as ratios of timings taken in the same run, on the
+device picked automatically (CUDA if present, timings synchronised), and written to
+``docs/performance.md`` with the machine and the command that reproduces them.
+
+(a) the head grid of ``configs/full-embedded.toml`` under ``protocol = "frozen"`` (backbone run once,
+    heads train on cached features) vs ``finetune`` with ``freeze_backbone = true`` (backbone
+    recomputed for every head and epoch) — wall-time ratio (target >= 10x);
+(b) the harness's training epoch (accelerate-prepared model, optimiser, scheduler, loader, per-step
+    finiteness / stop check) vs a minimal hand-written PyTorch loop on the same model and data —
+    overhead (target <= 5 %);
+(c) each head's latency and FLOPs as a fraction of the backbone's, at ResNet-50 / 448 px with 80
+    classes (target: CSRA H=8 adds < 3 % FLOPs);
+(d) growth: wall time and peak memory against dataset size (frozen protocol), and metric computation
+    time and memory at N = 100,000 with C = 80 and 1,000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+
+from bench import image_cache
+from bench.backbones import build_backbone
+from bench.context import HeadContext
+from bench.grid import Cell, Grid, load_grid, with_sources
+from bench.interrupt import StopRequest
+from bench.metrics import multilabel_metrics
+from bench.progress import Progress
+from bench.registry import PROJECT_ROOT, build_dataset, build_head
+from bench.runner import run_grid
+from bench.throughput import PeakMemory, flops_per_image, median_latency_ms
+from bench.train import Classifier, lr_factor, make_loss, make_optimizer, train_epoch
+
+DOC = PROJECT_ROOT / "docs" / "performance.md"
+
+
+def make_accelerator() -> Accelerator:
+    return Accelerator(cpu=not torch.cuda.is_available(), dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+@contextmanager
+def scratch_cache() -> Iterator[Path]:
+    """A private ``$HEADBENCH_CACHE`` for the duration of a measurement."""
+    old = os.environ.get("HEADBENCH_CACHE")
+    folder = Path(tempfile.mkdtemp(prefix="headbench-perf-"))
+    os.environ["HEADBENCH_CACHE"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if old is None:
+            del os.environ["HEADBENCH_CACHE"]
+        else:
+            os.environ["HEADBENCH_CACHE"] = old
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _changed(grid: Grid, change: Callable[[Cell], None]) -> Grid:
+    """A copy of ``grid`` with ``change`` applied to every cell (run ids and sources recomputed)."""
+    grid = copy.deepcopy(grid)
+    for cell in grid.cells:
+        change(cell)
+        cell.source_run_id = None
+    grid.cells = with_sources(grid.cells)
+    grid.run = {**grid.run, "checkpoint": "none"}  # weights are kept: csra_free reuses its source's
+    return grid
+
+
+def _with_recipe(grid: Grid, **changes: Any) -> Grid:
+    def change(cell: Cell) -> None:
+        cell.recipe = {**cell.recipe, **changes}
+
+    return _changed(grid, change)
+
+
+def _timed_grid(grid: Grid, accelerator: Accelerator) -> tuple[float, int]:
+    results_dir = Path(tempfile.mkdtemp(prefix="headbench-perf-results-"))
+    try:
+        start = time.perf_counter()
+        with StopRequest() as stop:
+            summary = run_grid(grid, results_dir, accelerator, Progress(enabled=False), stop)
+        seconds = time.perf_counter() - start
+    finally:
+        shutil.rmtree(results_dir, ignore_errors=True)
+    if summary.failed:
+        raise RuntimeError(f"{len(summary.failed)} runs failed: {summary.failed[0].error}")
+    return seconds, summary.trained
+
+
+def measure_frozen_vs_finetune(
+    accelerator: Accelerator, grid_name: str, epochs: int, num_train: int, seeds: int, backbone: str | None = None
+) -> dict[str, Any]:
+    """(a): the same head grid, frozen (features cached once) vs finetune with a frozen backbone."""
+    grid = load_grid(grid_name)
+    grid.cells = [c for c in grid.cells if c.seed in sorted({c.seed for c in grid.cells})[:seeds]]
+
+    def resize(cell: Cell) -> None:
+        cell.dataset_options = {**cell.dataset_options, "num_train": num_train}
+        if backbone:
+            cell.backbone, cell.weights = backbone, None
+
+    grid = _changed(grid, resize)
+    common = {"epochs": epochs, "augment": "none"}
+    frozen = _with_recipe(grid, protocol="frozen", freeze_backbone=False, **common)
+    finetune = _with_recipe(grid, protocol="finetune", freeze_backbone=True, **common)
+    with scratch_cache():
+        # decode / generate the images first, so neither side pays for it
+        _timed_grid(grid_warmup(grid), accelerator)
+        t_frozen, n = _timed_grid(frozen, accelerator)
+        t_finetune, _ = _timed_grid(finetune, accelerator)
+    cell = grid.cells[0]
+    return {
+        "runs": n, "heads": len({(c.head, str(c.hparams)) for c in grid.cells}), "backbone": cell.backbone,
+        "image_size": cell.recipe["image_size"], "num_train": num_train, "epochs": epochs,
+        "frozen_s": t_frozen, "finetune_s": t_finetune, "ratio": t_finetune / t_frozen,
+    }
+
+
+def grid_warmup(grid: Grid) -> Grid:
+    """A one-cell, one-epoch copy of ``grid`` that fills the image cache."""
+    warm = _with_recipe(grid, epochs=1, augment="none", protocol="finetune", freeze_backbone=True)
+    warm.cells = warm.cells[:1]
+    return warm
+
+
+def measure_harness_overhead(accelerator: Accelerator, epochs: int, num_train: int, image_size: int = 64) -> dict[str, Any]:
+    """(b): ``bench.train.train_epoch`` under accelerate vs a minimal loop, same model and data.
+
+    Both see the same cached uint8 images through the same DataLoader, convert them to float the
+    same way, use AdamW with the same learning rate and BCE; epochs alternate (harness, minimal,
+    harness, ...) and the medians are compared.
+    """
+    with scratch_cache() as cache:
+        dataset = build_dataset("shapes", split="train", num_train=num_train, num_test=100, image_size=image_size)
+        images = image_cache.load_or_build(dataset, image_size, cache)
+    recipe = {
+        "optimizer": "adamw", "lr": 1e-3, "lrp": 1.0, "weight_decay": 1e-4, "momentum": 0.9, "nesterov": False,
+        "schedule": "cosine", "warmup_epochs": 1.0, "epochs": 2 * epochs, "loss": "bce", "step_size": 4, "gamma": 0.1,
+    }
+    device = accelerator.device
+
+    def model_and_loader() -> tuple[nn.Module, torch.utils.data.DataLoader]:
+        set_seed(0)
+        backbone = build_backbone("tiny_cnn")
+        head = build_head("baseline", backbone.out_channels, len(dataset.classes))
+        loader = torch.utils.data.DataLoader(image_cache.CachedImages(images), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+        return Classifier(backbone, head), loader
+
+    model, loader = model_and_loader()
+    optimizer = make_optimizer(model.backbone, model.head, recipe)
+    steps = len(loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, recipe))
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    loss_fn = make_loss(recipe)
+
+    def to_input(images_u8: torch.Tensor) -> torch.Tensor:
+        return images_u8.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+    plain, plain_loader = model_and_loader()
+    plain.to(device)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3, weight_decay=1e-4)
+    bce = nn.BCEWithLogitsLoss()
+
+    def minimal_epoch() -> float:
+        plain.train()
+        start = time.perf_counter()
+        for x, y, _ in plain_loader:
+            loss = bce(plain(to_input(x)), y.to(device))
+            loss.backward()
+            plain_opt.step()
+            plain_opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    harness, minimal = [], []
+    minimal_epoch()  # warm-up of both paths
+    train_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator, to_input)
+    for _ in range(epochs):
+        harness.append(train_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator, to_input, should_stop=lambda: False).seconds)
+        minimal.append(minimal_epoch())
+    h, m = statistics.median(harness), statistics.median(minimal)
+    accelerator.free_memory()
+    return {"epochs": epochs, "num_train": num_train, "harness_s": h, "minimal_s": m, "overhead": h / m - 1.0, "harness_all": harness, "minimal_all": minimal}
+
+
+HEAD_VARIANTS: list[tuple[str, dict[str, Any]]] = [
+    ("baseline", {"pool": "avg"}),
+    ("baseline", {"pool": "max"}),
+    ("csra", {"num_heads": 1, "lam": 0.1}),
+    ("csra", {"num_heads": 4, "lam": 0.1}),
+    ("csra", {"num_heads": 8, "lam": 0.1}),
+    ("ml_gcn", {}),
+    ("attention_fusion", {}),
+]
+
+
+def measure_head_costs(device: torch.device, backbone_name: str = "resnet50", image_size: int = 448, num_classes: int = 80) -> dict[str, Any]:
+    """(c): FLOPs and batch-1 latency of each head relative to the backbone's."""
+    backbone = build_backbone(backbone_name).to(device).eval()
+    image = torch.rand(1, 3, image_size, image_size, device=device)
+    with torch.no_grad():
+        shape = tuple(backbone(image).shape[1:])
+    backbone_flops = flops_per_image(backbone, image)
+    backbone_ms = median_latency_ms(backbone, image, repeats=5, warmup=1)
+    rng = np.random.default_rng(0)
+    targets = (rng.random((2000, num_classes)) < 0.05).astype(np.uint8)
+    context = HeadContext.from_labels([f"class_{i}" for i in range(num_classes)], targets)
+    rows = []
+    feats = torch.rand(1, *shape, device=device)
+    for name, hparams in HEAD_VARIANTS:
+        try:
+            head = build_head(name, shape[0], num_classes, context, **hparams).to(device)
+        except Exception as exc:  # a head not installed here
+            rows.append({"head": name, "hparams": hparams, "error": str(exc)})
+            continue
+        flops = flops_per_image(head, feats)
+        ms = median_latency_ms(head, feats, repeats=20, warmup=3)
+        rows.append({"head": name, "hparams": hparams, "flops": flops, "latency_ms": ms, "flops_frac": flops / backbone_flops, "latency_frac": ms / backbone_ms})
+    return {"backbone": backbone_name, "image_size": image_size, "feature_shape": shape, "num_classes": num_classes, "backbone_flops": backbone_flops, "backbone_ms": backbone_ms, "heads": rows}
+
+
+def measure_growth(accelerator: Accelerator, sizes: list[int], epochs: int) -> list[dict[str, Any]]:
+    """(d) first part: one frozen-protocol run per dataset size; its row's wall time and peak memory."""
+    out = []
+    for n in sizes:
+        grid = load_grid(str(PROJECT_ROOT / "configs" / "smoke.toml"), heads=["baseline"])
+        grid.cells = grid.cells[:1]
+
+        def resize(cell: Cell, n: int = n) -> None:
+            cell.dataset_options = {**cell.dataset_options, "num_train": n, "num_test": max(250, n // 4)}
+            cell.recipe = {**cell.recipe, "protocol": "frozen", "augment": "none", "epochs": epochs}
+
+        grid = _changed(grid, resize)
+        with scratch_cache():
+            build_dataset("shapes", split="train", **grid.cells[0].dataset_options)  # generation is not timed
+            memory = PeakMemory(accelerator.device)
+            memory.reset()
+            seconds, _ = _timed_grid(grid, accelerator)
+            out.append({"num_train": n, "wall_s": seconds, "peak_mib": memory.peak_mib(), "memory_kind": memory.kind})
+        gc.collect()
+    return out
+
+
+def measure_metric_growth(n: int = 100_000, classes: tuple[int, ...] = (80, 1000)) -> list[dict[str, Any]]:
+    """(d) second part: ``multilabel_metrics`` time and peak memory at N x C."""
+    out = []
+    for c in classes:
+        rng = np.random.default_rng(c)
+        targets = (rng.random((n, c)) < 0.05).astype(np.uint8)
+        scores = np.clip(targets * 0.3 + rng.random((n, c), dtype=np.float32) * 0.7, 0, 1).astype(np.float32)
+        gc.collect()
+        memory = PeakMemory(torch.device("cpu"))
+        before = memory.peak_mib()
+        memory.reset()
+        start = time.perf_counter()
+        multilabel_metrics(scores, targets)
+        seconds = time.perf_counter() - start
+        out.append({"N": n, "C": c, "seconds": seconds, "peak_mib": memory.peak_mib(), "inputs_mib": (scores.nbytes + targets.nbytes) / 2**20, "before_mib": before})
+        del scores, targets
+    return out
+
+
+def _fmt_flops(value: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f}"
+
+
+def render(machine: str, command: str, a: dict | None, b: dict | None, c: dict | None, growth: list | None, metric_growth: list | None) -> str:
+    lines = ["# Performance", "", f"Measured by `{command}` on {machine}, in one process run", f"({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}).", ""]
+    lines += ["Ratios compare timings taken in the same run on the same machine; absolute numbers depend on the machine and its load.", ""]
+    if a:
+        lines += [
+            "## (a) Frozen-feature protocol vs recomputing the backbone", "",
+            f"The head grid of `configs/full-embedded.toml` ({a['heads']} head configurations, {a['runs']} runs), backbone `{a['backbone']}` at {a['image_size']} px,",
+            f"{a['num_train']} training images, {a['epochs']} epochs, no augmentation; images decoded before timing.", "",
+            "| protocol | wall time (s) |", "|---|---:|",
+            f"| finetune, backbone frozen (recomputed per head and epoch) | {a['finetune_s']:.1f} |",
+            f"| frozen (features computed once, cached) | {a['frozen_s']:.1f} |",
+            f"| **speed-up** | **{a['ratio']:.1f}×** (target ≥ 10×: {'met' if a['ratio'] >= 10 else 'missed'}) |", "",
+        ]
+    if b:
+        lines += [
+            "## (b) Harness overhead over a minimal PyTorch loop", "",
+            f"`tiny_cnn` + average-pool baseline, {b['num_train']} images of 64 px, batch 64, AdamW; median of {b['epochs']} alternating epochs each.", "",
+            "| loop | epoch (s) |", "|---|---:|",
+            f"| minimal hand-written loop | {b['minimal_s']:.3f} |",
+            f"| harness `train_epoch` (accelerate, scheduler, per-step finiteness/stop check) | {b['harness_s']:.3f} |",
+            f"| **overhead** | **{100 * b['overhead']:+.1f} %** (target ≤ 5 %: {'met' if b['overhead'] <= 0.05 else 'missed'}) |", "",
+            f"All epochs (s) — harness: {', '.join(f'{x:.3f}' for x in b['harness_all'])}; minimal: {', '.join(f'{x:.3f}' for x in b['minimal_all'])}.", "",
+        ]
+    if c:
+        lines += [
+            f"## (c) Head cost relative to the backbone ({c['backbone']}, {c['image_size']} px, {c['num_classes']} classes)", "",
+            f"Backbone: {_fmt_flops(c['backbone_flops'])}FLOPs, {c['backbone_ms']:.1f} ms per image (batch 1); feature map {list(c['feature_shape'])}.",
+            "FLOPs from `torch.utils.flop_counter` (matrix products and convolutions; a multiply-add is 2 FLOPs).", "",
+            "| head | hyper-parameters | FLOPs | % of backbone FLOPs | latency b1 (ms) | % of backbone latency |", "|---|---|---:|---:|---:|---:|",
+        ]
+        for r in c["heads"]:
+            hp = ", ".join(f"{k}={v}" for k, v in r["hparams"].items()) or "defaults"
+            if "error" in r:
+                lines.append(f"| {r['head']} | {hp} | not measured: {r['error']} | | | |")
+            else:
+                lines.append(f"| {r['head']} | {hp} | {_fmt_flops(r['flops'])} | {100 * r['flops_frac']:.2f} % | {r['latency_ms']:.2f} | {100 * r['latency_frac']:.2f} % |")
+        csra8 = [r for r in c["heads"] if r["head"] == "csra" and r["hparams"].get("num_heads") == 8 and "flops_frac" in r]
+        if csra8:
+            frac = csra8[0]["flops_frac"]
+            lines += ["", f"CSRA H=8 adds **{100 * frac:.2f} %** FLOPs to {c['backbone']} at {c['image_size']} px (target < 3 %: {'met' if frac < 0.03 else 'missed'})."]
+        lines.append("")
+    if growth:
+        lines += ["## (d) Growth with dataset size (frozen protocol, one run)", "", "| training images | wall time (s) | peak memory (MiB) |", "|---:|---:|---:|"]
+        lines += [f"| {g['num_train']} | {g['wall_s']:.1f} | {g['peak_mib']:.0f} ({g['memory_kind']}) |" for g in growth]
+        lines.append("")
+    if metric_growth:
+        lines += ["## (d) Metric computation (`multilabel_metrics`, vectorised)", "", "| N | C | seconds | peak memory (MiB) | inputs (MiB) |", "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {m['N']:,} | {m['C']} | {m['seconds']:.2f} | {m['peak_mib']:.0f} | {m['inputs_mib']:.0f} |" for m in metric_growth]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(DOC), help=f"markdown report [{DOC}]")
+    parser.add_argument("--only", default="a,b,c,d", help="comma list of sections to measure [a,b,c,d]")
+    parser.add_argument("--grid", default="full-embedded", help="head grid for (a) [full-embedded]")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run in (a) [3]")
+    parser.add_argument("--num-train", type=int, default=1000, help="training images in (a) [1000]")
+    parser.add_argument("--seeds", type=int, default=1, help="seeds of the grid used in (a) [1]")
+    parser.add_argument("--backbone", default=None, help="replace the grid's backbone in (a), e.g. resnet18")
+    parser.add_argument("--sizes", default="1000,2000,4000,8000", help="dataset sizes for (d)")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(","))
+    accelerator = make_accelerator()
+    machine = device_name(accelerator.device)
+    print(f"measuring on {machine}", file=sys.stderr)
+    a = measure_frozen_vs_finetune(accelerator, args.grid, args.epochs, args.num_train, args.seeds, args.backbone) if "a" in only else None
+    b = measure_harness_overhead(accelerator, epochs=5, num_train=2048) if "b" in only else None
+    c = measure_head_costs(accelerator.device) if "c" in only else None
+    growth = measure_growth(accelerator, [int(s) for s in args.sizes.split(",")], epochs=2) if "d" in only else None
+    metric_growth = measure_metric_growth() if "d" in only else None
+    command = "python -m bench.perf " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = render(machine, command.strip(), a, b, c, growth, metric_growth)
+    Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
