@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from bench.array_items import ArrayItems
 from bench.atomic import atomic_write_bytes
 from bench.augment import to_float
 from bench.image_cache import CachedSplit
@@ -77,21 +78,11 @@ class FeatureSplit:
     image_ids: list[str]
 
 
-class FeatureDataset(torch.utils.data.Dataset):
-    """Items ``(features [d, h, w] as stored, target float [C], ignore bool [C])``."""
+class FeatureDataset(ArrayItems):
+    """Items ``(features [d, h, w] as stored, target float [C], ignore bool [C])``, read a batch at a time."""
 
     def __init__(self, split: FeatureSplit) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            torch.from_numpy(np.array(self.split.features[index])),
-            torch.from_numpy(self.split.targets[index].astype(np.float32)),
-            torch.from_numpy(self.split.ignore[index].astype(bool)),
-        )
+        super().__init__(split.features, split.targets, split.ignore)
 
 
 def _valid(data_path: Path, meta_path: Path) -> np.ndarray | None:

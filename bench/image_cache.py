@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from bench.array_items import ArrayItems
 from bench.atomic import atomic_write, atomic_write_bytes
 from bench.dataset import MultiLabelDataset, UnreadableImage, as_uint8_rgb
 
@@ -126,18 +126,9 @@ def load_or_build(
     )
 
 
-class CachedImages(torch.utils.data.Dataset):
-    """Items ``(image uint8 [S, S, 3], target float [C], ignore bool [C])`` from a :class:`CachedSplit`."""
+class CachedImages(ArrayItems):
+    """Items ``(image uint8 [S, S, 3], target float [C], ignore bool [C])`` from a :class:`CachedSplit`,
+    read a batch at a time."""
 
     def __init__(self, split: CachedSplit) -> None:
-        self.split = split
-
-    def __len__(self) -> int:
-        return len(self.split.targets)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            torch.from_numpy(np.array(self.split.images[index])),
-            torch.from_numpy(self.split.targets[index].astype(np.float32)),
-            torch.from_numpy(self.split.ignore[index].astype(bool)),
-        )
+        super().__init__(split.images, split.targets, split.ignore)

@@ -40,6 +40,7 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 
 from bench import image_cache
+from bench.array_items import array_loader
 from bench.backbones import build_backbone
 from bench.context import HeadContext
 from bench.grid import Cell, Grid, load_grid, with_sources
@@ -135,9 +136,9 @@ def measure_frozen_vs_finetune(
         t_finetune, _ = _timed_grid(finetune, accelerator)
     cell = grid.cells[0]
     return {
-        "runs": n, "heads": len({(c.head, str(c.hparams)) for c in grid.cells}), "backbone": cell.backbone,
+        "grid": grid_name, "runs": n, "heads": len({(c.head, str(c.hparams)) for c in grid.cells}), "backbone": cell.backbone,
         "image_size": cell.recipe["image_size"], "num_train": num_train, "epochs": epochs,
-        "frozen_s": t_frozen, "finetune_s": t_finetune, "ratio": t_finetune / t_frozen,
+        "batch_size": cell.recipe["batch_size"], "frozen_s": t_frozen, "finetune_s": t_finetune, "ratio": t_finetune / t_frozen,
     }
 
 
@@ -168,7 +169,7 @@ def measure_harness_overhead(accelerator: Accelerator, epochs: int, num_train: i
         set_seed(0)
         backbone = build_backbone("tiny_cnn")
         head = build_head("baseline", backbone.out_channels, len(dataset.classes))
-        loader = torch.utils.data.DataLoader(image_cache.CachedImages(images), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+        loader = array_loader(image_cache.CachedImages(images), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
         return Classifier(backbone, head), loader
 
     model, loader = model_and_loader()
@@ -293,19 +294,82 @@ def _fmt_flops(value: float) -> str:
     return f"{value:.0f}"
 
 
+def accelerate_check_ms(calls: int = 2000) -> float:
+    """Milliseconds per ``accelerate.utils.is_lomo_available()`` call, which accelerate makes, uncached,
+    in ``Accelerator.backward`` and ``AcceleratedOptimizer.step`` of every training step."""
+    from accelerate.utils import is_lomo_available
+
+    start = time.perf_counter()
+    for _ in range(calls):
+        is_lomo_available()
+    return 1000 * (time.perf_counter() - start) / calls
+
+
+def _frozen_analysis(a: list[dict[str, Any]]) -> list[str]:
+    """Why the speed-up is what it is: the part of a run the frozen protocol cannot remove."""
+    lines = []
+    for r in a:
+        per_run_frozen, per_run_finetune = r["frozen_s"] / r["runs"], r["finetune_s"] / r["runs"]
+        steps = r["runs"] * r["epochs"] * -(-r["num_train"] // r["batch_size"])
+        lines.append(
+            f"- `{r['backbone']}`: a run costs {per_run_finetune:.2f} s recomputing the backbone and {per_run_frozen:.2f} s on cached "
+            f"features ({1000 * r['frozen_s'] / steps:.1f} ms per training step over {steps} steps, evaluation and measurements included)."
+        )
+    if any(r["ratio"] < 10 for r in a):
+        lines += [
+            "",
+            "Where the target is missed, the backbone is too cheap for caching to matter 10×: the frozen protocol removes only the",
+            "backbone's forward pass, and what remains per run — the head's forward and backward on the feature maps, the",
+            "optimizer step, evaluation, the per-run head latency / FLOPs measurements and the result writes — is then a large",
+            "share of the finetune run as well. The speed-up grows with the backbone's cost; at the papers' resnet50 / resnet101",
+            "at 448 px, where a head's FLOPs are a small fraction of the backbone's (section (c)), it is bounded by that fraction",
+            "rather than by these fixed costs.",
+        ]
+    ms = accelerate_check_ms()
+    lines += [
+        "",
+        f"Noticed in profiling: accelerate {_accelerate_version()} calls `is_lomo_available()` — an uncached `importlib` lookup, {ms:.2f} ms",
+        "here — in both `Accelerator.backward` and `AcceleratedOptimizer.step`, so every training step pays about",
+        f"{2 * ms:.2f} ms of it. On the cached-feature runs of `tiny_cnn` that is a visible share of a step; it is accelerate's code and",
+        "is left as it is.",
+    ]
+    return lines
+
+
+def _accelerate_version() -> str:
+    import accelerate
+
+    return accelerate.__version__
+
+
+def _verdict_ratio(ratio: float, target: float) -> str:
+    return "met" if ratio >= target else f"missed: {ratio / target:.0%} of the target, {target / ratio:.1f}× short"
+
+
+def _verdict_percent(value: float, limit: float, relation: str) -> str:
+    met = value <= limit if relation == "≤" else value < limit
+    return "met" if met else f"missed by {value - limit:.2f} percentage points"
+
+
 def render(machine: str, command: str, a: dict | None, b: dict | None, c: dict | None, growth: list | None, metric_growth: list | None) -> str:
     lines = ["# Performance", "", f"Measured by `{command}` on {machine}, in one process run", f"({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}).", ""]
     lines += ["Ratios compare timings taken in the same run on the same machine; absolute numbers depend on the machine and its load.", ""]
     if a:
+        first = a[0]
         lines += [
             "## (a) Frozen-feature protocol vs recomputing the backbone", "",
-            f"The head grid of `configs/full-embedded.toml` ({a['heads']} head configurations, {a['runs']} runs), backbone `{a['backbone']}` at {a['image_size']} px,",
-            f"{a['num_train']} training images, {a['epochs']} epochs, no augmentation; images decoded before timing.", "",
-            "| protocol | wall time (s) |", "|---|---:|",
-            f"| finetune, backbone frozen (recomputed per head and epoch) | {a['finetune_s']:.1f} |",
-            f"| frozen (features computed once, cached) | {a['frozen_s']:.1f} |",
-            f"| **speed-up** | **{a['ratio']:.1f}×** (target ≥ 10×: {'met' if a['ratio'] >= 10 else 'missed'}) |", "",
+            f"The head grid of `configs/{first['grid']}.toml` ({first['heads']} head configurations, {first['runs']} runs) at {first['image_size']} px,",
+            f"{first['num_train']} training images, {first['epochs']} epoch{'s' if first['epochs'] != 1 else ''} per run, no augmentation; images decoded before timing. The finetune side",
+            "freezes the backbone (`freeze_backbone = true`) so both sides train the same parameters; the frozen side's time",
+            "includes computing and caching the features.", "",
+            "| backbone | finetune, backbone frozen: recomputed per head and epoch (s) | frozen: features computed once (s) | speed-up | target ≥ 10× |",
+            "|---|---:|---:|---:|---|",
         ]
+        lines += [
+            f"| `{r['backbone']}` | {r['finetune_s']:.1f} | {r['frozen_s']:.1f} | **{r['ratio']:.1f}×** | {_verdict_ratio(r['ratio'], 10)} |"
+            for r in a
+        ]
+        lines += ["", *_frozen_analysis(a), ""]
     if b:
         lines += [
             "## (b) Harness overhead over a minimal PyTorch loop", "",
@@ -313,7 +377,7 @@ def render(machine: str, command: str, a: dict | None, b: dict | None, c: dict |
             "| loop | epoch (s) |", "|---|---:|",
             f"| minimal hand-written loop | {b['minimal_s']:.3f} |",
             f"| harness `train_epoch` (accelerate, scheduler, per-step finiteness/stop check) | {b['harness_s']:.3f} |",
-            f"| **overhead** | **{100 * b['overhead']:+.1f} %** (target ≤ 5 %: {'met' if b['overhead'] <= 0.05 else 'missed'}) |", "",
+            f"| **overhead** | **{100 * b['overhead']:+.1f} %** (target ≤ 5 %: {_verdict_percent(100 * b['overhead'], 5, '≤')}) |", "",
             f"All epochs (s) — harness: {', '.join(f'{x:.3f}' for x in b['harness_all'])}; minimal: {', '.join(f'{x:.3f}' for x in b['minimal_all'])}.", "",
         ]
     if c:
@@ -332,7 +396,7 @@ def render(machine: str, command: str, a: dict | None, b: dict | None, c: dict |
         csra8 = [r for r in c["heads"] if r["head"] == "csra" and r["hparams"].get("num_heads") == 8 and "flops_frac" in r]
         if csra8:
             frac = csra8[0]["flops_frac"]
-            lines += ["", f"CSRA H=8 adds **{100 * frac:.2f} %** FLOPs to {c['backbone']} at {c['image_size']} px (target < 3 %: {'met' if frac < 0.03 else 'missed'})."]
+            lines += ["", f"CSRA H=8 adds **{100 * frac:.2f} %** FLOPs to {c['backbone']} at {c['image_size']} px (target < 3 %: {_verdict_percent(100 * frac, 3, '<')})."]
         lines.append("")
     if growth:
         lines += ["## (d) Growth with dataset size (frozen protocol, one run)", "", "| training images | wall time (s) | peak memory (MiB) |", "|---:|---:|---:|"]
@@ -353,14 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run in (a) [3]")
     parser.add_argument("--num-train", type=int, default=1000, help="training images in (a) [1000]")
     parser.add_argument("--seeds", type=int, default=1, help="seeds of the grid used in (a) [1]")
-    parser.add_argument("--backbone", default=None, help="replace the grid's backbone in (a), e.g. resnet18")
+    parser.add_argument("--backbone", default="grid,resnet18",
+                        help="comma list of backbones for (a); 'grid' keeps the grid's own [grid,resnet18]")
     parser.add_argument("--sizes", default="1000,2000,4000,8000", help="dataset sizes for (d)")
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     accelerator = make_accelerator()
     machine = device_name(accelerator.device)
     print(f"measuring on {machine}", file=sys.stderr)
-    a = measure_frozen_vs_finetune(accelerator, args.grid, args.epochs, args.num_train, args.seeds, args.backbone) if "a" in only else None
+    backbones = [None if name == "grid" else name for name in args.backbone.split(",")]
+    a = [measure_frozen_vs_finetune(accelerator, args.grid, args.epochs, args.num_train, args.seeds, name) for name in backbones] if "a" in only else None
     b = measure_harness_overhead(accelerator, epochs=5, num_train=2048) if "b" in only else None
     c = measure_head_costs(accelerator.device) if "c" in only else None
     growth = measure_growth(accelerator, [int(s) for s in args.sizes.split(",")], epochs=2) if "d" in only else None

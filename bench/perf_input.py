@@ -44,6 +44,7 @@ from torch.nn import functional as F
 
 from bench.augment import to_float
 from bench.dataset import as_uint8_rgb
+from bench.array_items import collate_fetched
 from bench.image_cache import CachedImages, load_or_build, resize_square
 from bench.registry import build_dataset
 
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> tuple[str, str]:
         start = time.perf_counter()
         split = load_or_build(dataset, args.size, cache)
         hit_s = time.perf_counter() - start
-        cached_loader = torch.utils.data.DataLoader(CachedImages(split), **loader_kw)
+        cached_loader = torch.utils.data.DataLoader(CachedImages(split), collate_fn=collate_fetched, **loader_kw)
         cached = time_epochs(cached_loader, args.epochs)
         cached_cpu = time_epochs(cached_loader, args.epochs, convert=True)
         cache_mb = sum(p.stat().st_size for p in (cache / "images").glob("*.npy")) / 2**20
