@@ -10,10 +10,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
 from bench.errors import UsageError, choices
+
+if TYPE_CHECKING:  # imported lazily at run time: `--help` and `--list` stay fast
+    from bench.interrupt import StopRequest
+    from bench.runner import GridSummary
 
 COMMANDS = ("run", "report", "evaluate")
 
@@ -133,7 +138,7 @@ def cmd_run(argv: list[str]) -> int:
             console.print(line, soft_wrap=True, highlight=False)
         raise UsageError(f"{grid.path}: no cell to run (every dataset was skipped)")
 
-    from bench import report, results
+    from bench import results
     from bench.interrupt import StopRequest
     from bench.progress import Progress
     from bench.runner import run_grid
@@ -149,16 +154,29 @@ def cmd_run(argv: list[str]) -> int:
     with StopRequest() as stop, Progress(enabled=main, console=console) as progress:
         summary = run_grid(grid, results_dir, accelerator, progress, stop, retry_failed=args.retry_failed)
     accelerator.wait_for_everyone()
+    if main:
+        _print_outcome(summary, stop, results_dir, console)
+    # The launcher (torchrun) stops every process as soon as one exits non-zero: no process
+    # leaves before the main one has written the report and printed (and flushed) the outcome.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    accelerator.wait_for_everyone()
     if summary.interrupted:
-        if main:
-            print(
-                f"stopped by signal {stop.signal} after {summary.trained} run(s); everything finished is saved "
-                "and the interrupted run resumes from its last epoch: run the same command again",
-                file=sys.stderr,
-            )
         return stop.exit_status
-    if not main:
-        return 1 if summary.failed else 0
+    return 1 if summary.failed else 0
+
+
+def _print_outcome(summary: GridSummary, stop: StopRequest, results_dir: Path, console: Console) -> None:
+    """Main process: the leaderboard (unless interrupted) and a one-line summary, one line per failure."""
+    from bench import report
+
+    if summary.interrupted:
+        print(
+            f"stopped by signal {stop.signal} after {summary.trained} run(s); everything finished is saved "
+            "and the interrupted run resumes from its last epoch: run the same command again",
+            file=sys.stderr,
+        )
+        return
     written = report.build_report([results_dir], console=console)
     path = written.get("md", results_dir / "leaderboard.md")
     skipped = {k: summary.count(k) for k in ("already-finished", "failed-before", "claimed")}
@@ -170,7 +188,6 @@ def cmd_run(argv: list[str]) -> int:
     )
     for outcome in summary.failed:
         print(f"FAILED {outcome.cell.run_id} {outcome.cell.describe()}: {outcome.error.splitlines()[0] if outcome.error else ''}", file=sys.stderr)
-    return 1 if summary.failed else 0
 
 
 def cmd_report(argv: list[str]) -> int:

@@ -31,6 +31,10 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run stops at once."""
 
 
+class PeerFailure(RuntimeError):
+    """Another process of the launch raised during a training step; this one stops with it."""
+
+
 class Classifier(nn.Module):
     """Normalisation, backbone, head: images float [B, 3, H, W] in [0, 1] -> logits [B, C]."""
 
@@ -146,23 +150,35 @@ def train_epoch(
 ) -> EpochStats:
     """One pass over ``loader``.
 
-    Raises :class:`NonFiniteLoss` at the first NaN/inf loss on any process, and
-    :class:`bench.interrupt.Interrupted` after the step in which any process was asked to stop;
-    both are decided from one small all-reduce per step, so all processes leave together.
+    Raises :class:`NonFiniteLoss` at the first NaN/inf loss on any process,
+    :class:`bench.interrupt.Interrupted` after the step in which any process was asked to stop,
+    and, when the forward pass or loss raised on some process, that exception there and
+    :class:`PeerFailure` on the others; all three are decided from one small all-reduce per step,
+    so all processes leave together.
     """
     model.train()
     total, steps = torch.zeros((), device=accelerator.device), 0
     start = time.perf_counter()
     for inputs, targets, _ignore in loader:
-        with accelerator.autocast():
-            logits = model(prepare(inputs))
-        loss = loss_fn(logits.float(), targets.float())
+        error: Exception | None = None
+        try:
+            with accelerator.autocast():
+                logits = model(prepare(inputs))
+            loss = loss_fn(logits.float(), targets.float())
+            not_finite = (~torch.isfinite(loss.detach())).float()
+        except Exception as exc:  # noqa: BLE001 - shared with the other processes below, then raised
+            if accelerator.num_processes == 1:
+                raise
+            error, not_finite = exc, torch.zeros((), device=accelerator.device)
         stop = bool(should_stop and should_stop())
-        flags = torch.stack([(~torch.isfinite(loss.detach())).float(), torch.tensor(float(stop), device=loss.device)])
+        flags = torch.stack([not_finite, torch.tensor(float(stop), device=not_finite.device),
+                             torch.tensor(float(error is not None), device=not_finite.device)])
         if accelerator.num_processes > 1:
             flags = accelerator.reduce(flags, "sum")
-        not_finite, stop_any = flags.tolist()
-        if not_finite:
+        not_finite_any, stop_any, failed_any = flags.tolist()
+        if failed_any:
+            _raise_shared_failure(error, steps, accelerator, "training step")
+        if not_finite_any:
             raise NonFiniteLoss(f"training loss is {loss.item()} (on this or another process) at step {steps} of the epoch")
         accelerator.backward(loss)
         if grad_clip > 0:
@@ -179,6 +195,24 @@ def train_epoch(
     _synchronize(accelerator.device)
     seconds = time.perf_counter() - start
     return EpochStats(loss=(total / max(1, steps)).item(), images=len(loader.dataset), seconds=seconds)
+
+
+def _raise_shared_failure(error: Exception | None, step: int, accelerator: Accelerator, where: str = "step") -> None:
+    """Raise on every process once any process failed in the forward pass (or loss) of a step.
+
+    All processes reach this together (the failure flag is all-reduced), so the gather of the
+    error messages is a collective they all take; a process that failed re-raises its own
+    exception, the others a :class:`PeerFailure` naming it. Without this, the healthy processes
+    would wait in the gradient all-reduce until the process group's timeout.
+    """
+    from accelerate.utils import gather_object
+
+    mine = f"{type(error).__name__}: {error}" if error is not None else ""
+    messages = gather_object([mine])
+    if error is not None:
+        raise error
+    failed = [f"process {rank}: {message}" for rank, message in enumerate(messages) if message]
+    raise PeerFailure(f"another process failed at {where} {step} ({'; '.join(failed)})")
 
 
 @dataclass
@@ -199,14 +233,27 @@ def predict(
     prepare: Callable[[torch.Tensor], torch.Tensor],
     on_step: Callable[[], None] | None = None,
 ) -> Predictions:
-    """Score every sample of ``loader`` once (duplicates from padding dropped)."""
+    """Score every sample of ``loader`` once (duplicates from padding dropped).
+
+    An exception in the forward pass on one process is shared as in :func:`train_epoch`.
+    """
     model.eval()
     scores, targets, ignores = [], [], []
     start = time.perf_counter()
-    for inputs, target, ignore in loader:
-        with accelerator.autocast():
-            logits = model(prepare(inputs))
-        probs = torch.sigmoid(logits.float())
+    for step, (inputs, target, ignore) in enumerate(loader):
+        error: Exception | None = None
+        try:
+            with accelerator.autocast():
+                logits = model(prepare(inputs))
+            probs = torch.sigmoid(logits.float())
+        except Exception as exc:  # noqa: BLE001 - shared with the other processes below, then raised
+            if accelerator.num_processes == 1:
+                raise
+            error = exc
+        if accelerator.num_processes > 1:
+            failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+            if failed.item():
+                _raise_shared_failure(error, step, accelerator, "evaluation batch")
         probs, target, ignore = accelerator.gather_for_metrics((probs, target, ignore))
         scores.append(probs.cpu())
         targets.append(target.cpu())

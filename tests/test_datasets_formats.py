@@ -10,7 +10,6 @@ import io
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,19 @@ def test_two_processes_write_one_row_per_cell(tmp_path: Path, tiny_grid: Path) -
     rows = load_all(tmp_path)
     assert len(rows) == 2 and set(rows["status"]) == {"finished"}
     assert (rows["world_size"] == 2).all()  # a real 2-process gloo group, not two lone processes
+
+
+def test_the_cpu_launcher_command_runs_the_grid(tmp_path: Path, tiny_grid: Path) -> None:
+    """``accelerate launch --cpu --num_processes 2``: accelerate's launcher for ``--cpu`` starts one
+    process unless given an MPI host file (README, docs/distributed.md); the grid must still run and
+    write one row per cell. Two CPU processes in a gloo group are the test above (``--multi_gpu``)."""
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path), launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = load_all(tmp_path)
+    assert len(rows) == 2 and set(rows["status"]) == {"finished"}
+    assert (rows["world_size"] == 1).all() and (rows["device"] == "cpu").all()
 
 
 def test_evaluation_on_two_processes_equals_one_process(one_process_run: tuple[Path, Path]) -> None:

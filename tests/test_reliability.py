@@ -18,7 +18,7 @@ import pytest
 
 from bench.locks import RunLock
 from bench.results import load_all
-from conftest import ROOT, run_cli
+from conftest import ROOT, accelerate_launch, run_cli
 
 GRID = """
 seeds = [0, 1]
@@ -53,6 +53,26 @@ class NanProbe(nn.Module):
     def forward(self, x):
         logits = self.fc(x.mean(dim=(2, 3)))
         return logits * float("nan") if os.environ.get("NAN_PROBE") == "1" else logits
+'''
+
+
+RANK_PROBE = '''
+import os
+from torch import nn
+from bench.registry import register_head
+
+@register_head("rank_probe")
+class RankProbe(nn.Module):
+    """Average pooling + linear that raises on process 1 only, in training or in evaluation."""
+    def __init__(self, in_channels, num_classes, context=None, fail_in="train"):
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+        self.fail_in = fail_in
+
+    def forward(self, x):
+        if os.environ.get("RANK") == "1" and self.training == (self.fail_in == "train"):
+            raise RuntimeError(f"probe failure on process 1 in {self.fail_in}")
+        return self.fc(x.mean(dim=(2, 3)))
 '''
 
 
@@ -160,6 +180,32 @@ def test_failed_run_is_recorded_the_grid_goes_on_and_retry_failed_reruns_only_it
     assert "1 trained, 1 already done, 0 failed" in retry.stdout
     rows = load_all(out)
     assert len(rows) == 2 and (rows["status"] == "finished").all()
+
+
+def test_a_failure_on_one_process_fails_the_run_on_all_and_the_grid_goes_on(tmp_path: Path) -> None:
+    """Without sharing the failure, process 0 would wait in DDP's all-reduce (or the evaluation
+    gather) until the process group's timeout; the subprocess timeout (300 s) catches a hang."""
+    plugins = tmp_path / "heads"
+    plugins.mkdir()
+    (plugins / "rank_probe.py").write_text(RANK_PROBE)
+    grid = tmp_path / "g.toml"
+    grid.write_text(
+        GRID.replace("seeds = [0, 1]", "seeds = [0]").replace('pool = ["avg", "max"]', 'pool = ["avg"]').replace("epochs = 3", "epochs = 1")
+        + '[[heads]]\nname = "rank_probe"\nfail_in = ["train", "eval"]\n'
+    )
+    out = tmp_path / "results"
+    result = run_cli("--grid", str(grid), "--results", str(out), launcher=accelerate_launch(2), env={"HEADBENCH_HEADS_PATH": str(plugins)})
+    assert result.returncode == 1, result.stderr[-3000:]
+    failed_lines = [line for line in result.stderr.splitlines() if line.startswith("FAILED ")]
+    assert len(failed_lines) == 2, result.stderr[-3000:]
+    rows = load_all(out)
+    assert len(rows) == 3 and (rows["world_size"] == 2).all()
+    assert rows.set_index("head").loc["baseline", "status"] == "finished"
+    probes = rows[rows["head"] == "rank_probe"].set_index(rows[rows["head"] == "rank_probe"]["hparams"].map(lambda h: json.loads(h)["fail_in"]))
+    assert (probes["status"] == "failed").all() and (probes["error_type"] == "PeerFailure").all()
+    assert "training step 0" in probes.loc["train", "error"] and "evaluation batch 0" in probes.loc["eval", "error"]
+    for mode in ("train", "eval"):
+        assert f"process 1: RuntimeError: probe failure on process 1 in {mode}" in probes.loc[mode, "error"]
 
 
 def test_two_launches_on_one_results_directory(grid_file: Path, reference: Path, tmp_path: Path) -> None:
