@@ -535,7 +535,7 @@ def _recipe_text(recipe: Any, preset: Any) -> str:
         except Exception:  # presets file moved or invalid: the full recipe below still says it all
             overrides = ""
     full = ", ".join(f"{k}={v}" for k, v in sorted(recipe.items()))
-    return (f"preset `{name}`{overrides}" if name else "no preset") + f" — {full}"
+    return (f"preset `{name}`{overrides}" if name else "no preset") + f". Full recipe: {full}"
 
 
 def _difficult_text(options: Any) -> str:
