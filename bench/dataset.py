@@ -23,7 +23,6 @@ from PIL import Image
 
 from bench.errors import DataError, choices
 
-DIFFICULT_POLICIES = ("ignore", "positive", "negative", "train_positive")
 
 
 class UnreadableImage(Exception):
@@ -86,34 +85,6 @@ def as_uint8_rgb(image: Image.Image | np.ndarray) -> np.ndarray:
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image [H, W, 3], got {array.dtype} {array.shape}")
     return array
-
-
-def apply_difficult_policy(
-    positive: np.ndarray, difficult: np.ndarray, policy: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """Resolve VOC-style difficult labels into training targets and an evaluation ignore mask.
-
-    Args:
-        positive: bool [N, C], True where the label is a (non-difficult) positive.
-        difficult: bool [N, C], True where the label is marked difficult.
-        policy: ``"ignore"`` (negative in training, ignored in evaluation; the papers' protocol),
-            ``"positive"`` or ``"negative"`` (counted as that label everywhere), or
-            ``"train_positive"`` (positive in training, ignored in evaluation: ML-GCN's release).
-
-    Returns:
-        ``(targets uint8 [N, C], ignore bool [N, C])``.
-    """
-    if policy not in DIFFICULT_POLICIES:
-        raise DataError(f"difficult policy {policy!r} is not one of {choices(DIFFICULT_POLICIES)}")
-    positive = np.asarray(positive, dtype=bool)
-    difficult = np.asarray(difficult, dtype=bool) & ~positive
-    if policy == "positive":
-        return (positive | difficult).astype(np.uint8), np.zeros_like(positive)
-    if policy == "negative":
-        return positive.astype(np.uint8), np.zeros_like(positive)
-    if policy == "train_positive":  # evaluation never reads an ignored entry's target
-        return (positive | difficult).astype(np.uint8), difficult
-    return positive.astype(np.uint8), difficult
 
 
 def cooccurrence(targets: np.ndarray, ignore: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -35,9 +35,9 @@ from tabulate import tabulate
 from bench import plots as plotting
 from bench import stats
 from bench.atomic import atomic_write, atomic_write_bytes
+from bench.difficult_labels import DIFFICULT_POLICIES
 
 METRICS = ("mAP", "CP", "CR", "CF1", "mF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "mF1_top3", "OP_top3", "OR_top3", "OF1_top3")
-TABLE_METRICS = ("mAP", "CF1", "OF1", "CF1_top3", "OF1_top3", "mF1")
 SECTION_KEYS = ("dataset", "backbone", "protocol")
 # Per-experiment means of these row columns are carried into the summary when present.
 COST_COLUMNS = ("train_images_per_s", "eval_images_per_s", "head_latency_b1_ms", "head_latency_b64_ms", "head_params", "head_flops", "total_params")
@@ -542,11 +542,7 @@ def _difficult_text(options: Any) -> str:
     options = _canonical(options)
     if isinstance(options, dict) and "difficult" in options:
         policy = options["difficult"]
-        meaning = {
-            "ignore": "difficult labels are negatives in training and ignored in evaluation",
-            "positive": "difficult labels count as positives",
-            "negative": "difficult labels count as negatives",
-        }.get(policy, "")
+        meaning = DIFFICULT_POLICIES.get(policy, "")
         return f"`{policy}`" + (f" ({meaning})" if meaning else "")
     return "not applicable (the dataset has no difficult labels)"
 
@@ -760,22 +756,6 @@ def render_console(report: Report, console: Console | None = None) -> None:
         console.print(table_rich(report.failed), width=width)
     for note in report.notes:
         console.print(f"[yellow]note[/yellow]: {note}", highlight=False)
-
-
-def print_console(rows: pd.DataFrame, console: Console | None = None) -> None:
-    """Print the leaderboard of ``rows`` (without Δ mAP: no score files are read)."""
-    render_console(build(rows), console)
-
-
-def write_leaderboard(rows: pd.DataFrame, path: str | Path, results_dirs: Sequence[str | Path] | None = None) -> Path:
-    """Write the markdown leaderboard of ``rows`` to ``path`` atomically (plots beside it, Δ mAP
-    from the score files of ``results_dirs``, default: the folder of ``path``)."""
-    path = Path(path)
-    dirs = list(results_dirs) if results_dirs is not None else [path.parent]
-    report = build(rows, dirs, out_dir=path.parent)
-    atomic_write_bytes(path, render_markdown(report).encode())
-    _readable([path, *(path.parent / p.path for s in report.sections for p in s.plots if not p.skipped)])
-    return path
 
 
 def _readable(paths: Iterable[Path]) -> None:

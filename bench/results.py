@@ -90,20 +90,6 @@ def load_all(*results_dirs: str | Path) -> pd.DataFrame:
     return frame.drop_duplicates("run_id", keep="last").reset_index(drop=True)
 
 
-def finished_run_ids(results_dir: str | Path) -> set[str]:
-    """Run ids with a row whose status is ``finished``."""
-    folder = Path(results_dir) / RUNS
-    done = set()
-    for path in folder.glob("*.parquet"):
-        try:
-            status = pq.read_table(path, columns=["status"]).column("status").to_pylist()
-        except Exception:
-            continue
-        if status == ["finished"]:
-            done.add(path.stem)
-    return done
-
-
 def run_status(results_dir: str | Path, run_id: str) -> str | None:
     """The status of run ``run_id`` (``finished`` / ``failed``), or None if it has no readable row."""
     path = Path(results_dir) / RUNS / f"{run_id}.parquet"

@@ -21,7 +21,7 @@ that of ``{split}.txt`` (or of the first class file when ``{split}.txt`` is abse
 Options:
     difficult: ``"ignore"`` (default: negative in training, ignored in evaluation -- the papers'
         protocol), ``"positive"``, ``"negative"``, or ``"train_positive"`` (positive in training,
-        ignored in evaluation -- ML-GCN's release) (:func:`bench.dataset.apply_difficult_policy`).
+        ignored in evaluation -- ML-GCN's release) (:func:`bench.difficult_labels.apply_difficult_policy`).
         It is a dataset option, so it is part of every run's configuration and recorded in its row.
     label_source: ``"auto"`` (class label files if present, else XML), ``"files"`` or ``"xml"``.
 
@@ -46,7 +46,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.dataset import DIFFICULT_POLICIES, MultiLabelDataset, apply_difficult_policy
+from bench.dataset import MultiLabelDataset
+from bench.difficult_labels import DIFFICULT_POLICIES, apply_difficult_policy
 from bench.image_files import files_digest, missing_images, open_rgb, scan_files, stat_key
 from bench.errors import DataError, choices
 from bench.registry import register_dataset
@@ -151,7 +152,6 @@ class VOC2007(MultiLabelDataset):
         if label_source not in LABEL_SOURCES:
             raise ValueError(f"option label_source = {label_source!r}; valid: {choices(LABEL_SOURCES)}")
         self.split = self.check_split(split)
-        self.difficult_policy = difficult
         self.root = find_voc_root(root)
         self.classes = list(VOC_CLASSES)
         main = self.root / "ImageSets" / "Main"

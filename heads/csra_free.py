@@ -63,7 +63,6 @@ class CSRAFreeHead(nn.Module):
         # Placeholder until adopt(): the same layer as the baseline's, so saved weights of this
         # head (head.fc.*) load back into a freshly built one for re-evaluation.
         self.fc = nn.Linear(in_channels, num_classes)
-        self.adopted = False
 
     def adopt(self, source: nn.Module) -> None:
         """Take the trained baseline's classifier (``source.fc``: weight [C, d], bias [C])."""
@@ -75,7 +74,6 @@ class CSRAFreeHead(nn.Module):
         with torch.no_grad():
             self.fc.weight.copy_(fc.weight)
             self.fc.bias.copy_(fc.bias)
-        self.adopted = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y_raw = torch.einsum("cd,bdn->bcn", self.fc.weight, x.flatten(2))  # [B, C, N], no bias yet

@@ -29,7 +29,7 @@ RECIPE = {"protocol": "finetune", "epochs": 2, "lr": 0.003, "optimizer": "adamw"
 DATASETS = {
     # name: (classes, images, dataset options)
     "shapes": (["red_circle", "blue_square", "green_star", "cyan_ring", "pink_cross"], 80, {"num_train": 100, "num_test": 80}),
-    "voc2007": (["aeroplane", "bicycle", "bird", "boat"], 60, {"difficult": "ignore", "label_source": "auto"}),
+    "voc2007": (["aeroplane", "bicycle", "bird", "boat"], 60, {"difficult": "train_positive", "label_source": "auto"}),
 }
 # (head, hparams, quality): higher quality -> scores separate positives better
 EXPERIMENTS = [
@@ -183,7 +183,8 @@ def test_every_metric_column_and_the_legend_are_present(built) -> None:
         assert f"**{column}**" in legend, column
     assert "SPEC §1" in legend and "CF1" in legend and "mF1" in legend and "ties" in legend.lower()
     voc = text.split("## voc2007 · tiny_cnn · finetune", 1)[1].split("## ", 1)[0]
-    assert "difficult policy: `ignore`" in voc and "lr=0.003" in voc
+    assert "difficult policy: `train_positive` (difficult labels are positives in training and ignored in evaluation" in voc
+    assert "lr=0.003" in voc
     shapes = text.split("## shapes · tiny_cnn · finetune", 1)[1].split("## ", 1)[0]
     assert "no difficult labels" in shapes
 

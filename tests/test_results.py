@@ -23,7 +23,8 @@ def test_write_and_load_rows(tmp_path: Path) -> None:
     frame = results.load_all(tmp_path)
     assert sorted(frame["run_id"]) == ["a", "b"]
     assert frame.set_index("run_id").loc["a", "hparams"] == '{"pool": "avg"}'
-    assert results.finished_run_ids(tmp_path) == {"a"}
+    assert results.run_status(tmp_path, "a") == "finished" and results.run_status(tmp_path, "b") == "failed"
+    assert results.run_status(tmp_path, "zz") is None
     assert results.run_row(tmp_path, "a")["mAP"] == 0.5
     with pytest.raises(UsageError, match="no result for run id 'zz'"):
         results.run_row(tmp_path, "zz")
