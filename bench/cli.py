@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 
-from bench.errors import UsageError, choices
+from bench.core.errors import UsageError, choices
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` and `--list` stay fast
-    from bench.interrupt import StopRequest
-    from bench.runner import GridSummary
+    from bench.engine.interrupt import StopRequest
+    from bench.engine.runner import GridSummary
 
 COMMANDS = ("run", "report", "evaluate")
 
@@ -94,14 +96,30 @@ def _make_accelerator(mixed_precision: str = "no"):
 
 
 def _list(console: Console) -> None:
-    from bench.backbones import list_backbones
-    from bench.grid import CONFIG_DIR
-    from bench.registry import head_hparams, list_datasets, list_heads
+    from bench.api.registry import head_hparams, list_backbones, list_datasets, list_heads
+    from bench.config.grid import CONFIG_DIR
 
     console.print("[bold]heads[/bold]: " + ", ".join(f"{h}({', '.join(head_hparams(h))})" for h in list_heads()))
     console.print("[bold]datasets[/bold]: " + ", ".join(list_datasets()))
     console.print("[bold]backbones[/bold]: " + ", ".join(list_backbones()))
     console.print("[bold]grids[/bold]: " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml") if p.stem != "recipes")))
+
+
+def _print_plan(grid, console: Console) -> None:
+    """The grid's heads (configurations), backbones and seeds, and the cells of each dataset,
+    including the datasets still waiting for a data root."""
+    from collections import Counter
+
+    def show(text: str) -> None:
+        console.print(f"  {text}", soft_wrap=True, highlight=False)
+
+    heads = Counter(h for h, _ in grid.head_configs)
+    show(f"heads: {len(grid.head_configs)} configurations: " + ", ".join(f"{h} x{n}" for h, n in sorted(heads.items())))
+    show(f"backbones: {', '.join(grid.backbones)}; seeds: {', '.join(map(str, grid.seeds))}")
+    for name, n in Counter(c.dataset for c in grid.cells).items():
+        show(f"{name}: {n} cells")
+    for line in grid.skipped:
+        show(line)
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -110,25 +128,24 @@ def cmd_run(argv: list[str]) -> int:
     if args.list:
         _list(console)
         return 0
-    from bench.grid import load_grid
+    from bench.config.grid import load_grid
 
     grid = load_grid(args.grid, heads=args.heads, datasets=args.datasets, backbones=args.backbones, data_roots=_data_roots(args.data_root))
     shard_text = ""
     if args.shard:
-        from bench.grid import parse_shard, shard_cells
+        from bench.config.grid import parse_shard, shard_cells
 
         shard, count = parse_shard(args.shard)
         grid.cells = shard_cells(grid.cells, shard, count)
         shard_text = f" (shard {shard}/{count})"
     if args.dry_run:
         console.print(f"grid {grid.name}{shard_text} ({grid.path}): {len(grid.cells)} cells", soft_wrap=True)
-        for line in grid.skipped:
-            console.print(f"  {line}", soft_wrap=True, highlight=False)
+        _print_plan(grid, console)
         for i, cell in enumerate(grid.cells):
             console.print(f"  {i + 1:4d}  {cell.run_id}  {cell.describe()}", soft_wrap=True, highlight=False)
         if grid.cells:
-            from bench.data_store import DataStore
-            from bench.runner import preflight
+            from bench.engine.data_store import DataStore
+            from bench.engine.runner import preflight
 
             preflight(grid, DataStore(_make_accelerator()))  # builds every dataset, backbone and head; trains nothing
             console.print("every dataset, backbone and head of these cells builds", soft_wrap=True)
@@ -136,14 +153,18 @@ def cmd_run(argv: list[str]) -> int:
     if not grid.cells:
         for line in grid.skipped:
             console.print(line, soft_wrap=True, highlight=False)
-        raise UsageError(f"{grid.path}: no cell to run (every dataset was skipped)")
+        if grid.pending:
+            from bench.config.grid import no_cells_error
 
-    from bench import results
-    from bench.interrupt import StopRequest
-    from bench.progress import Progress
-    from bench.runner import run_grid
+            raise no_cells_error(grid)
+        raise UsageError(f"{grid.path}: no cell to run")
 
-    accelerator = _make_accelerator(grid.cells[0].recipe["mixed_precision"])
+    from bench.engine.interrupt import StopRequest
+    from bench.engine.progress import Progress
+    from bench.engine.runner import run_grid
+    from bench.results import store as results
+
+    accelerator = _make_accelerator(grid.cells[0].recipe.mixed_precision)
     main = accelerator.is_main_process
     results_dir = Path(args.results)
     if main:
@@ -179,11 +200,12 @@ def _print_outcome(summary: GridSummary, stop: StopRequest, results_dir: Path, c
         return
     written = report.build_report([results_dir], console=console)
     path = written.get("md", results_dir / "leaderboard.md")
-    skipped = {k: summary.count(k) for k in ("already-finished", "failed-before", "claimed")}
+    skipped = {k: summary.count(k) for k in ("already-finished", "failed-before", "claimed", "source-unfinished")}
     console.print(
         f"{summary.trained} trained, {skipped['already-finished']} already done, {len(summary.failed)} failed"
         + (f", {skipped['failed-before']} failed before (use --retry-failed)" if skipped["failed-before"] else "")
         + (f", {skipped['claimed']} claimed by another launch" if skipped["claimed"] else "")
+        + (f", {skipped['source-unfinished']} waiting for a source run that has no result yet (run again)" if skipped["source-unfinished"] else "")
         + f"; leaderboard: {path}"
     )
     for outcome in summary.failed:
@@ -203,24 +225,58 @@ def cmd_report(argv: list[str]) -> int:
         raise UsageError(f"results directory not found: {choices(missing)}")
     if args.resamples < 1:
         raise UsageError(f"--resamples must be >= 1, got {args.resamples}")
-    written = report.build_report(
-        dirs,
-        out_dir=args.out,
-        formats=args.format,
-        datasets=flat(args.dataset),
-        backbones=flat(args.backbone),
-        heads=flat(args.head),
-        n_resamples=args.resamples,
-        seed=args.bootstrap_seed,
-    )
+    if args.bootstrap_seed < 0:
+        raise UsageError(f"--bootstrap-seed must be an integer >= 0, got {args.bootstrap_seed}")
+    from bench.report.write import parse_formats
+
+    out = Path(args.out) if args.out is not None else dirs[0]
+    if {"md", "html"} & set(parse_formats(args.format)):
+        _check_report_folder(out, "--out" if args.out is not None else "the results directory (no --out)")
+    try:
+        written = report.build_report(
+            dirs,
+            out_dir=args.out,
+            formats=args.format,
+            datasets=flat(args.dataset),
+            backbones=flat(args.backbone),
+            heads=flat(args.head),
+            n_resamples=args.resamples,
+            seed=args.bootstrap_seed,
+        )
+    except OSError as exc:  # the folder filled up or changed while the report was written
+        raise UsageError(f"cannot write the report into {out}: {_os_reason(exc)}") from None
     for kind, path in written.items():
         print(f"{'leaderboard' if kind == 'md' else kind}: {path}")
     return 0
 
 
+def _os_reason(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def _check_report_folder(out: Path, what: str) -> None:
+    """Create the report's folder and prove it is writable before anything is computed; remove
+    the temporary files a killed report left there."""
+    from bench.core.atomic import host_tag
+    from bench.results import store as results
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".report-write-test.{host_tag()}.{os.getpid()}.probe000.tmp"  # the temporary-file form: cleaned if left
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot write the report into {out}: {_os_reason(exc)}; give a writable folder") from None
+    results.clean_temporaries(out)
+
+
 def cmd_evaluate(argv: list[str]) -> int:
     args = _evaluate_parser().parse_args(argv)
-    from bench.runner import evaluate_run
+    from bench.engine.runner import evaluate_run
+    from bench.results.store import check_run_id
+
+    check_run_id(args.run_id, "--run-id")
 
     accelerator = _make_accelerator()
     metrics = evaluate_run(args.run_id, Path(args.results), accelerator, args.data_root)
@@ -229,8 +285,14 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+    """Warnings on the console as one line each: ``warning: <message>`` (no source location)."""
+    return f"warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``run_bench.py``; returns the exit status."""
+    warnings.formatwarning = _format_warning
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     try:

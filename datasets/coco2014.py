@@ -20,10 +20,10 @@ The JSON is parsed with the standard library (no pycocotools). Parsing ``instanc
 ``$HEADBENCH_CACHE/coco2014/labels_<key>.npz`` (no pickle), keyed by the JSON's path, size and
 mtime; a damaged cache is re-parsed.
 
-Errors (:class:`bench.errors.DataError`): a missing annotation file or image folder, an annotation
+Errors (:class:`bench.core.errors.DataError`): a missing annotation file or image folder, an annotation
 naming an unknown image or category, an empty split, an image of the JSON absent from the image
 folder (checked when the dataset is built, with one ``os.scandir``). An image that exists but
-cannot be decoded raises :class:`bench.dataset.UnreadableImage` (skipped and counted by the cache).
+cannot be decoded raises :class:`bench.api.dataset.UnreadableImage` (skipped and counted by the cache).
 
 ``fingerprint()``: the JSON's size and mtime and a digest of the split's image files' (name, size,
 mtime).
@@ -36,17 +36,13 @@ import io
 import json
 import os
 import warnings
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from bench.atomic import atomic_write_bytes
-from bench.dataset import MultiLabelDataset
-from bench.image_files import files_digest, missing_images, open_rgb, scan_files, stat_key
-from bench.paths import cache_dir
-from bench.errors import DataError
-from bench.registry import register_dataset
+from bench.api import DataError, ImageFileDataset, atomic_write_bytes, cache_dir, listed_images_digest, register_dataset, stat_key, write_sample_images
 
 #: bump when the parsed-label cache format or the parsing rules change
 LABEL_CACHE_VERSION = 1
@@ -115,7 +111,7 @@ def load_instances(path: Path) -> dict[str, np.ndarray]:
         try:
             with np.load(cache, allow_pickle=False) as stored:
                 return {k: stored[k] for k in ("classes", "file_names", "labels", "labels_no_crowd")}
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # a truncated .npz: BadZipFile
             warnings.warn(f"coco2014: label cache {cache} is damaged ({exc}); re-parsing {path}", stacklevel=3)
     parsed = parse_instances(path)
     try:
@@ -128,14 +124,25 @@ def load_instances(path: Path) -> dict[str, np.ndarray]:
 
 
 @register_dataset("coco2014")
-class COCO2014(MultiLabelDataset):
+class COCO2014(ImageFileDataset):
     """MS-COCO 2014 multi-label classification (see the module docstring)."""
 
     splits = ("train", "val")
     train_split = "train"
     test_split = "val"
-    needs_root = True
     expected_layout = EXPECTED_LAYOUT
+
+    @classmethod
+    def write_sample(cls, root: Path) -> dict[str, Any]:
+        categories = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
+        for split, ids in (("train", [9, 25, 34]), ("val", [42, 73])):
+            images = [{"id": i, "file_name": f"COCO_{split}2014_{i:012d}.jpg", "width": 20, "height": 14} for i in ids]
+            annotations = [{"id": k, "image_id": i, "category_id": categories[k % 3]["id"], "iscrowd": 0} for k, i in enumerate(ids)]
+            (root / "annotations").mkdir(parents=True, exist_ok=True)
+            data = {"images": images, "annotations": annotations, "categories": categories}
+            (root / "annotations" / f"instances_{split}2014.json").write_text(json.dumps(data))
+            write_sample_images(root / f"{split}2014", [im["file_name"] for im in images])
+        return {}
 
     def __init__(
         self,
@@ -145,13 +152,11 @@ class COCO2014(MultiLabelDataset):
         keep_unlabeled: bool = False,
         include_crowd: bool = True,
     ) -> None:
-        if root is None:
-            raise ValueError(f"no data root given; {EXPECTED_LAYOUT}")
         for name, value in (("keep_unlabeled", keep_unlabeled), ("include_crowd", include_crowd)):
             if not isinstance(value, bool):
                 raise ValueError(f"option {name} must be true or false, got {value!r}")
         self.split = self.check_split(split)
-        self.root = Path(root).expanduser()
+        self.root = self.data_root(root)
         self.annotation_file = self.root / "annotations" / f"instances_{split}2014.json"
         if not self.annotation_file.is_file():
             raise DataError(f"coco2014 split {split!r}: annotation file {self.annotation_file} is missing; {EXPECTED_LAYOUT}")
@@ -164,19 +169,6 @@ class COCO2014(MultiLabelDataset):
         self.ignore = np.zeros(self.targets.shape, dtype=bool)
         if not self.file_names:
             raise DataError(f"coco2014 split {split!r} is empty: {self.annotation_file} has no {'images' if keep_unlabeled else 'labelled images'}")
-        self.image_dir = self.root / f"{split}2014"
-        files = scan_files(self.image_dir, "coco2014 image")
-        missing = [n for n in self.file_names if n not in files]
-        if missing:
-            raise missing_images(missing, self.image_dir, str(self.annotation_file))
-        image_digest = files_digest((n, files[n]) for n in self.file_names)
-        self._fingerprint = f"coco2014-v1 {split} {stat_key(self.annotation_file)} images={image_digest}"
-
-    def load_image(self, index: int) -> Image.Image:
-        return open_rgb(self.image_dir / self.file_names[index])
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def image_id(self, index: int) -> str:
-        return self.file_names[index]
+        image_dir = self.root / f"{split}2014"
+        image_digest = listed_images_digest(image_dir, self.file_names, "coco2014 image", str(self.annotation_file))
+        self.set_images(image_dir, self.file_names, f"coco2014-v1 {split} {stat_key(self.annotation_file)} images={image_digest}")

@@ -21,7 +21,7 @@ are accepted as well; the top-level ``labels`` / ``classes`` list, when present,
 
 Image paths are relative to ``ROOT/<image_dir>`` and must stay inside it: an absolute path, a path
 whose ``..`` leads outside, or a symlink (file or folder) resolving outside is a
-:class:`bench.errors.DataError` naming the manifest and the line. (The images folder itself may be
+:class:`bench.core.errors.DataError` naming the manifest and the line. (The images folder itself may be
 a symlink to another disk.)
 
 The class list, first that applies:
@@ -33,10 +33,10 @@ The class list, first that applies:
    so train and test always agree on the class order.
 With 1-3 a label outside the list is an error naming the manifest and the line.
 
-Errors (:class:`bench.errors.DataError`): a missing manifest or images folder, a malformed row, an
+Errors (:class:`bench.core.errors.DataError`): a missing manifest or images folder, a malformed row, an
 unknown label, an escaping path, an empty split, an image absent from disk (checked at
 construction, one ``os.scandir`` per folder). An image that exists but cannot be decoded raises
-:class:`bench.dataset.UnreadableImage` from :meth:`load_image` (skipped and counted by the cache).
+:class:`bench.api.dataset.UnreadableImage` from :meth:`load_image` (skipped and counted by the cache).
 
 ``fingerprint()``: the manifest's size and mtime and a digest of the split's image files' (path,
 size, mtime).
@@ -49,14 +49,11 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from bench.dataset import MultiLabelDataset
-from bench.image_files import index_images, line_of, open_rgb, safe_relpath, stat_key
-from bench.errors import DataError
-from bench.registry import register_dataset
+from bench.api import DataError, ImageFileDataset, index_images, line_of, register_dataset, safe_relpath, stat_key, write_sample_images
 
 EXPECTED_LAYOUT = (
     "folder expects ROOT/{split}.csv (header 'path,labels', labels separated by ';') or "
@@ -162,14 +159,22 @@ def _class_option(classes: object) -> list[str] | None:
 
 
 @register_dataset("folder")
-class FolderDataset(MultiLabelDataset):
+class FolderDataset(ImageFileDataset):
     """An images folder with CSV / JSON manifests (see the module docstring)."""
 
     splits = ("train", "val", "test")
     train_split = "train"
     test_split = "test"
-    needs_root = True
     expected_layout = EXPECTED_LAYOUT
+
+    @classmethod
+    def write_sample(cls, root: Path) -> dict[str, Any]:
+        rows = {"train": [("a/1.jpg", "cat;dog"), ("2.jpg", "dog"), ("3.jpg", "bird")], "val": [("v.jpg", "cat")], "test": [("t1.jpg", "cat"), ("t2.jpg", "bird;dog")]}
+        root.mkdir(parents=True, exist_ok=True)
+        for split, items in rows.items():
+            (root / f"{split}.csv").write_text("path,labels\n" + "".join(f"{p},{labels}\n" for p, labels in items))
+            write_sample_images(root, [p for p, _ in items])
+        return {}
 
     def __init__(
         self,
@@ -182,8 +187,7 @@ class FolderDataset(MultiLabelDataset):
         classes_file: str = "",
         label_sep: str = ";",
     ) -> None:
-        if root is None:
-            raise ValueError(f"no data root given; {EXPECTED_LAYOUT}")
+        root = self.data_root(root)
         if "{split}" not in manifest:
             raise ValueError(f"option manifest = {manifest!r} must contain '{{split}}' (one manifest per split)")
         if Path(manifest).suffix not in ("", ".csv", ".json"):
@@ -246,7 +250,7 @@ class FolderDataset(MultiLabelDataset):
         self.ignore = np.zeros(self.targets.shape, dtype=bool)
         self.paths = [safe_relpath(p, self.image_dir, lambda i=i: where(i)) for i, p in enumerate(paths)]
         image_digest = index_images(self.image_dir, self.paths, where)
-        self._fingerprint = f"folder-v1 {split} {stat_key(self.manifest_file)} images={image_digest}"
+        self.set_images(self.image_dir, self.paths, f"folder-v1 {split} {stat_key(self.manifest_file)} images={image_digest}")
 
     # -- manifests --------------------------------------------------------------------------------
 
@@ -263,13 +267,3 @@ class FolderDataset(MultiLabelDataset):
     def _read(path: Path, label_sep: str) -> Manifest:
         return read_json_manifest(path) if path.suffix == ".json" else read_csv_manifest(path, label_sep)
 
-    # -- the MultiLabelDataset contract -----------------------------------------------------------
-
-    def load_image(self, index: int) -> Image.Image:
-        return open_rgb(self.image_dir / self.paths[index])
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def image_id(self, index: int) -> str:
-        return self.paths[index]

@@ -27,10 +27,10 @@ the other split's file is present), so a test split can never be scored with a s
 Every name in ``image_labels`` must be in ``labels``. Samples without labels are kept, as the
 tutorial's loader keeps them (``keep_unlabeled = false`` drops them). Order: the file's ``samples``.
 
-Errors (:class:`bench.errors.DataError`, naming the file and the sample / line): a missing JSON or
+Errors (:class:`bench.core.errors.DataError`, naming the file and the sample / line): a missing JSON or
 images folder, a malformed sample, an unknown label, an image path that escapes the images folder,
 an empty split, an image absent from disk (checked at construction, one ``os.scandir`` per folder).
-An image that exists but cannot be decoded raises :class:`bench.dataset.UnreadableImage`.
+An image that exists but cannot be decoded raises :class:`bench.api.dataset.UnreadableImage`.
 """
 
 from __future__ import annotations
@@ -38,14 +38,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from bench.dataset import MultiLabelDataset
-from bench.image_files import index_images, line_of, open_rgb, safe_relpath, stat_key
-from bench.errors import DataError
-from bench.registry import register_dataset
+from bench.api import DataError, ImageFileDataset, index_images, line_of, register_dataset, safe_relpath, stat_key, write_sample_images
 
 EXPECTED_LAYOUT = (
     "nuswide expects ROOT/images/<image_name> and ROOT/{split}.json or ROOT/small_{split}.json "
@@ -75,14 +72,24 @@ def read_split_file(path: Path) -> tuple[str, dict]:
 
 
 @register_dataset("nuswide")
-class NUSWide(MultiLabelDataset):
+class NUSWide(ImageFileDataset):
     """NUS-WIDE, seed 002 format (see the module docstring)."""
 
     splits = ("train", "test")
     train_split = "train"
     test_split = "test"
-    needs_root = True
     expected_layout = EXPECTED_LAYOUT
+
+    @classmethod
+    def write_sample(cls, root: Path) -> dict[str, Any]:
+        labels = ["clouds", "house", "sky"]
+        splits = {"train": [["clouds", "sky"], ["house"], ["sky"]], "test": [["clouds"], ["house", "sky"]]}
+        for split, rows in splits.items():
+            samples = [{"image_name": f"{split}_{k}.jpg", "image_labels": row} for k, row in enumerate(rows)]
+            root.mkdir(parents=True, exist_ok=True)
+            (root / f"{split}.json").write_text(json.dumps({"samples": samples, "labels": labels}))
+            write_sample_images(root / "images", [s["image_name"] for s in samples])
+        return {}
 
     def __init__(
         self,
@@ -93,8 +100,7 @@ class NUSWide(MultiLabelDataset):
         annotations: str = "",
         keep_unlabeled: bool = True,
     ) -> None:
-        if root is None:
-            raise ValueError(f"no data root given; {EXPECTED_LAYOUT}")
+        root = self.data_root(root)
         if annotations and "{split}" not in annotations:
             raise ValueError(f"option annotations = {annotations!r} must contain '{{split}}' (one file per split)")
         if not isinstance(keep_unlabeled, bool):
@@ -150,7 +156,7 @@ class NUSWide(MultiLabelDataset):
         self.targets = np.stack(rows)
         self.ignore = np.zeros(self.targets.shape, dtype=bool)
         image_digest = index_images(self.image_dir, names, lambda k: at(kept[k]))
-        self._fingerprint = f"nuswide-v1 {split} {stat_key(self.annotation_file)} images={image_digest}"
+        self.set_images(self.image_dir, names, f"nuswide-v1 {split} {stat_key(self.annotation_file)} images={image_digest}")
 
     def _candidates(self, split: str, annotations: str) -> list[Path]:
         if annotations:
@@ -161,11 +167,3 @@ class NUSWide(MultiLabelDataset):
     def _split_file(self, split: str, annotations: str) -> Path | None:
         return next((p for p in self._candidates(split, annotations) if p.is_file()), None)
 
-    def load_image(self, index: int) -> Image.Image:
-        return open_rgb(self.image_dir / self.image_names[index])
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
-    def image_id(self, index: int) -> str:
-        return self.image_names[index]

@@ -104,13 +104,11 @@ import math
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from bench.atomic import atomic_write
-from bench.dataset import MultiLabelDataset
-from bench.paths import cache_dir
-from bench.registry import register_dataset
+from bench.api import MultiLabelDataset, atomic_write, cache_dir, register_dataset
 
 #: bump when the generated data changes (it is part of the cache file names and the fingerprint)
 GENERATOR_VERSION = 1
@@ -469,6 +467,10 @@ class ShapesDataset(MultiLabelDataset):
         self.classes = list(CLASSES)
         self.images, self.targets = self._load_or_generate()
         self.ignore = np.zeros(self.targets.shape, dtype=bool)
+
+    @classmethod
+    def write_sample(cls, root: Path) -> dict[str, Any]:
+        return {"num_train": 24, "num_test": 12, "image_size": 32}
 
     # -- cache ------------------------------------------------------------------------------------
 

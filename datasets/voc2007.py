@@ -21,15 +21,15 @@ that of ``{split}.txt`` (or of the first class file when ``{split}.txt`` is abse
 Options:
     difficult: ``"ignore"`` (default: negative in training, ignored in evaluation -- the papers'
         protocol), ``"positive"``, ``"negative"``, or ``"train_positive"`` (positive in training,
-        ignored in evaluation -- ML-GCN's release) (:func:`bench.difficult_labels.apply_difficult_policy`).
+        ignored in evaluation -- ML-GCN's release) (:func:`bench.api.difficult_labels.apply_difficult_policy`).
         It is a dataset option, so it is part of every run's configuration and recorded in its row.
     label_source: ``"auto"`` (class label files if present, else XML), ``"files"`` or ``"xml"``.
 
-Errors (:class:`bench.errors.DataError`, naming the file and line): a missing label / split /
+Errors (:class:`bench.core.errors.DataError`, naming the file and line): a missing label / split /
 annotation file, a malformed line, an id missing from a class file, an object class outside the
 20, an empty split, an image listed but absent from ``JPEGImages`` (checked when the dataset is
 built, with one ``os.scandir``). An image that exists but cannot be decoded (truncated, corrupt)
-raises :class:`bench.dataset.UnreadableImage` from :meth:`load_image`; the image cache skips and
+raises :class:`bench.api.dataset.UnreadableImage` from :meth:`load_image`; the image cache skips and
 counts it.
 
 ``fingerprint()`` covers the label files' sizes and mtimes (or the split's XMLs') and a digest of
@@ -42,15 +42,23 @@ from __future__ import annotations
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from bench.dataset import MultiLabelDataset
-from bench.difficult_labels import DIFFICULT_POLICIES, apply_difficult_policy
-from bench.image_files import files_digest, missing_images, open_rgb, scan_files, stat_key
-from bench.errors import DataError, choices
-from bench.registry import register_dataset
+from bench.api import (
+    DIFFICULT_POLICIES,
+    DataError,
+    ImageFileDataset,
+    apply_difficult_policy,
+    choices,
+    files_digest,
+    listed_images_digest,
+    register_dataset,
+    scan_files,
+    stat_key,
+    write_sample_images,
+)
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -128,14 +136,14 @@ def parse_annotation(path: Path) -> list[tuple[str, bool]]:
 
 
 @register_dataset("voc2007")
-class VOC2007(MultiLabelDataset):
+class VOC2007(ImageFileDataset):
     """PASCAL VOC 2007 (see the module docstring)."""
 
     splits = ("trainval", "train", "val", "test")
     train_split = "trainval"
     test_split = "test"
-    needs_root = True
     expected_layout = EXPECTED_LAYOUT
+    described_options = ("difficult",)
 
     def __init__(
         self,
@@ -145,8 +153,7 @@ class VOC2007(MultiLabelDataset):
         difficult: str = "ignore",
         label_source: str = "auto",
     ) -> None:
-        if root is None:
-            raise ValueError(f"no data root given; {EXPECTED_LAYOUT}")
+        root = self.data_root(root)
         if difficult not in DIFFICULT_POLICIES:
             raise ValueError(f"option difficult = {difficult!r}; valid: {choices(DIFFICULT_POLICIES)}")
         if label_source not in LABEL_SOURCES:
@@ -178,16 +185,34 @@ class VOC2007(MultiLabelDataset):
             raise DataError(f"voc2007 split {split!r} is empty: {self.label_files[-1]} lists no image")
         self.label_source = "xml" if xml_digest else "files"
         self.targets, self.ignore = apply_difficult_policy(positive, difficult_mask, difficult)
-        self.image_dir = self.root / "JPEGImages"
-        files = scan_files(self.image_dir, "voc2007 image")
+        image_dir = self.root / "JPEGImages"
         names = [f"{i}.jpg" for i in self.ids]
-        missing = [n for n in names if n not in files]
-        if missing:
-            raise missing_images(missing, self.image_dir, str(self.label_files[-1]))
-        image_digest = files_digest((n, files[n]) for n in names)
-        self._fingerprint = " ".join(
+        image_digest = listed_images_digest(image_dir, names, "voc2007 image", str(self.label_files[-1]))
+        self.set_images(image_dir, names, " ".join(
             ["voc2007-v1", split, *(stat_key(p) for p in self.label_files), f"xml={xml_digest}", f"images={image_digest}"]
-        )
+        ))
+
+    @classmethod
+    def write_sample(cls, root: Path) -> dict[str, Any]:
+        main = root / "VOCdevkit" / "VOC2007" / "ImageSets" / "Main"
+        main.mkdir(parents=True, exist_ok=True)
+        ids = {"trainval": ["000005", "000007", "000009"], "test": ["000001", "000002"]}
+        for split, names in ids.items():
+            (main / f"{split}.txt").write_text("".join(f"{i}\n" for i in names))
+            for c, name in enumerate(VOC_CLASSES):  # image k has class k (difficult for the last one)
+                values = [("1" if k == c % len(names) else "-1") for k in range(len(names))]
+                values[-1] = "0" if c == 0 else values[-1]
+                (main / f"{name}_{split}.txt").write_text("".join(f"{i} {v}\n" for i, v in zip(names, values)))
+        write_sample_images(root / "VOCdevkit" / "VOC2007" / "JPEGImages", [f"{i}.jpg" for v in ids.values() for i in v])
+        return {}
+
+    @classmethod
+    def describe_options(cls, options: dict[str, Any]) -> list[str]:
+        policy = options.get("difficult")
+        if policy is None:
+            return []
+        meaning = DIFFICULT_POLICIES.get(policy, "")
+        return [f"difficult policy: `{policy}`" + (f" ({meaning})" if meaning else "")]
 
     # -- labels -----------------------------------------------------------------------------------
 
@@ -228,16 +253,8 @@ class VOC2007(MultiLabelDataset):
                 (any_difficult if is_difficult else positive)[i, class_index[cls]] = True
         return positive, any_difficult & ~positive, files_digest((n, files[n]) for n in names)
 
-    # -- the MultiLabelDataset contract -----------------------------------------------------------
-
-    def load_image(self, index: int) -> Image.Image:
-        return open_rgb(self.image_dir / f"{self.ids[index]}.jpg")
-
-    def fingerprint(self) -> str:
-        return self._fingerprint
-
     def image_id(self, index: int) -> str:
-        return self.ids[index]
+        return self.ids[index]  # VOC's own image id: the file name without ".jpg"
 
 
 def _line_of(path: Path, image_id: str) -> int:

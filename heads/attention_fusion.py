@@ -51,12 +51,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.context import HeadContext
-from bench.registry import register_head
+from bench.api import Head, HeadContext, register_head
 
 
 @register_head("attention_fusion")
-class AttentionFusionHead(nn.Module):
+class AttentionFusionHead(Head):
     """Class queries conditioned on the global feature attend over positions; residual fusion."""
 
     def __init__(
@@ -103,6 +102,6 @@ class AttentionFusionHead(nn.Module):
         attended = (alpha * scores).sum(dim=2)  # Σ_k α_ck S_ck = w_c · f_c  [B, C]
         return self.fc(glob) + self.gamma * attended
 
-    @staticmethod
-    def describe_hparams(hparams: dict[str, Any]) -> str:
+    @classmethod
+    def describe_hparams(cls, hparams: dict[str, Any]) -> str:
         return f"a={hparams.get('attn_dim', 128)}, γ₀={hparams.get('gamma', 0.1):g}"

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from bench.context import HeadContext
-from bench.registry import register_head
+from bench.api import Head, HeadContext, register_head
 
 POOLS = ("avg", "max")
 
 
 @register_head("baseline")
-class BaselineHead(nn.Module):
+class BaselineHead(Head):
     """[B, d, h, w] -> pool over the h*w positions -> [B, d] -> linear (with bias) -> [B, C].
 
     ``pool="max"`` is ML-GCN's own baseline, much stronger than average pooling on multi-label data.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, context: HeadContext | None = None, *, pool: str = "avg") -> None:
+    #: the average-pooling baseline is the reference every other head is compared with
+    reference = {"pool": "avg"}
+    sweep = ({"pool": ["avg", "max"]},)
+
+    def __init__(
+        self, in_channels: int, num_classes: int, context: HeadContext | None = None, *, pool: Literal["avg", "max"] = "avg"
+    ) -> None:
         super().__init__()
         if pool not in POOLS:
             raise ValueError(f"pool = {pool!r} is not one of {POOLS}")

@@ -34,8 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.context import HeadContext
-from bench.registry import register_head
+from bench.api import Head, HeadContext, Heatmap, register_head
 
 INF = math.inf
 TEMPERATURES: dict[int, tuple[float, ...]] = {
@@ -59,8 +58,14 @@ def temperatures(num_heads: int, t1_inf: bool = False) -> tuple[float, ...]:
 
 
 @register_head("csra")
-class CSRAHead(nn.Module):
+class CSRAHead(Head):
     """Multi-head CSRA: [B, d, h, w] -> [B, C] logits (sum over heads of mean + λ·attention)."""
+
+    sweep = (
+        {"num_heads": [1, 2, 4, 6, 8], "lam": [0.1, 0.3, 0.5, 1.0]},  # H x λ, 20 configurations
+        {"num_heads": 1, "t1_inf": True, "lam": [0.1, 0.3, 0.5, 1.0]},  # H = 1 with T = ∞: mean + λ·max, trained
+    )
+    heatmap = Heatmap(y="num_heads", x="lam", title="CSRA: mAP over H × λ", y_label="H (attention heads)", x_label="λ", slug="csra_H_lambda")
 
     def __init__(
         self,
@@ -104,8 +109,8 @@ class CSRAHead(nn.Module):
             logits = logits + self.lam * s[:, nf:].amax(dim=3).sum(dim=1)
         return logits  # [B, C]
 
-    @staticmethod
-    def describe_hparams(hparams: dict[str, Any]) -> str:
+    @classmethod
+    def describe_hparams(cls, hparams: dict[str, Any]) -> str:
         h = hparams.get("num_heads", 1)
         text = f"H={h}, λ={hparams.get('lam', 0.1):g}"
         if hparams.get("t1_inf"):

@@ -26,23 +26,23 @@ the mean, the classifier being linear).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from bench.context import HeadContext
-from bench.registry import register_head
+from bench.api import Head, HeadContext, register_head
 
 BIAS_MODES = ("per_position", "once")
 
 
 @register_head("csra_free")
-class CSRAFreeHead(nn.Module):
+class CSRAFreeHead(Head):
     """mean + λ·max over positions of a trained baseline's per-position logits."""
 
-    #: training-free: reuse the trained average-pooling baseline (bench/grid.py ``with_sources``)
+    #: training-free: reuse the trained average-pooling baseline (bench/config/grid.py ``with_sources``)
     derived_from = ("baseline", {"pool": "avg"})
+    sweep = ({"lam": [0.1, 0.3, 0.5, 1.0]},)
 
     def __init__(
         self,
@@ -51,7 +51,7 @@ class CSRAFreeHead(nn.Module):
         context: HeadContext | None = None,
         *,
         lam: float = 0.1,
-        bias: str = "per_position",
+        bias: Literal["per_position", "once"] = "per_position",
     ) -> None:
         super().__init__()
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
@@ -81,8 +81,8 @@ class CSRAFreeHead(nn.Module):
         scale = 1.0 + self.lam if self.bias_mode == "per_position" else 1.0
         return score + scale * self.fc.bias
 
-    @staticmethod
-    def describe_hparams(hparams: dict[str, Any]) -> str:
+    @classmethod
+    def describe_hparams(cls, hparams: dict[str, Any]) -> str:
         text = f"λ={hparams.get('lam', 0.1):g}, no training"
         if hparams.get("bias", "per_position") != "per_position":
             text += f", bias {hparams['bias']}"

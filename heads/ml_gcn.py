@@ -30,14 +30,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from bench.context import HeadContext
-from bench.registry import register_head
+from bench.api import Head, HeadContext, Heatmap, register_head
 
 REWEIGHTS = ("paper", "official")
 GRAPHS = ("cooccurrence", "identity")
@@ -237,8 +236,18 @@ class GraphConvolution(nn.Module):
 
 
 @register_head("ml_gcn")
-class MLGCNHead(nn.Module):
+class MLGCNHead(Head):
     """Global max pooling, classifier W [C, d] produced by a 2-layer GCN over the label graph."""
+
+    sweep = (
+        {"tau": [0.3, 0.4, 0.5], "p": [0.1, 0.2, 0.25, 0.3], "reweight": "paper", "embeddings": "onehot"},  # 12
+        {"tau": 0.4, "p": 0.25, "reweight": "official"},  # the released code's re-weighting at its own setting
+        {"graph": "identity"},  # control: no label graph (A' = I), same GCN, max pooling and embeddings
+    )
+    heatmap = Heatmap(
+        y="tau", x="p", title="ML-GCN: mAP over τ × p", y_label="τ (co-occurrence threshold)", x_label="p (re-weighting)",
+        where={"reweight": "paper"}, slug="mlgcn_tau_p",
+    )
 
     def __init__(
         self,
@@ -248,8 +257,8 @@ class MLGCNHead(nn.Module):
         *,
         tau: float = 0.4,
         p: float = 0.2,
-        reweight: str = "paper",
-        graph: str = "cooccurrence",
+        reweight: Literal["paper", "official"] = "paper",
+        graph: Literal["cooccurrence", "identity"] = "cooccurrence",
         embeddings: str = "onehot",
     ) -> None:
         super().__init__()
@@ -283,8 +292,8 @@ class MLGCNHead(nn.Module):
         w = self.classifiers().to(feature.dtype)  # [C, d]
         return feature @ w.t()
 
-    @staticmethod
-    def describe_hparams(hparams: dict[str, Any]) -> str:
+    @classmethod
+    def describe_hparams(cls, hparams: dict[str, Any]) -> str:
         emb = hparams.get("embeddings", "onehot")
         emb = str(emb)
         emb_text = "one-hot" if emb == "onehot" else f"GloVe {Path(emb[len('glove:'):]).name}" if emb.startswith("glove:") else emb

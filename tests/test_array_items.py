@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.array_items import ArrayItems, array_loader, collate_fetched
+from bench.data.batched_arrays import ArrayItems, array_loader, collate_fetched
 
 
 def _arrays(tmp_path, n=37):

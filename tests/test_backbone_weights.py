@@ -12,8 +12,14 @@ import pytest
 import torch
 import torchvision
 
-from bench.backbones import Backbone, build_backbone, is_known_backbone, list_backbones, load_state_dict_file
-from bench.errors import UsageError
+from bench.core.errors import UsageError
+from bench.models.backbones import (
+    Backbone,
+    build_backbone,
+    is_known_backbone,
+    list_backbones,
+    load_state_dict_file,
+)
 
 
 def _refuse(*args, **kwargs):
@@ -279,8 +285,9 @@ def test_timm_unfit_and_missing_files(tmp_path, resnet18):
 
 
 def test_timm_token_models_are_refused():
+    """Token models other than plain ViTs built with dynamic_img_size (those: tests/test_vit_backbones.py)."""
     with pytest.raises(UsageError, match="not a spatial"):
-        build_backbone("timm:vit_tiny_patch16_224")
+        build_backbone("timm:test_vit_relpos")
 
 
 def test_timm_channels_last_output_is_permuted():

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import image_cache
-from bench.dataset import UnreadableImage
-from bench.errors import DataError, UsageError
-from bench.grid import load_grid
-from bench.registry import build_dataset, dataset_class
+from bench.api.dataset import UnreadableImage
+from bench.api.registry import build_dataset, dataset_class
+from bench.config.grid import load_grid
+from bench.core.errors import DataError, UsageError
+from bench.data import image_cache
 
 VOC = [
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",

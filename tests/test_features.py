@@ -9,11 +9,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from bench import features, image_cache
-from bench.augment import to_float
-from bench.backbones import build_backbone
-from bench.registry import build_dataset, build_head
-from bench.train import Classifier, HeadOnly
+from bench.api.registry import build_dataset, build_head
+from bench.data import feature_cache as features
+from bench.data import image_cache
+from bench.data.augment import to_float
+from bench.models.backbones import build_backbone
+from bench.models.classifier import Classifier, HeadOnly
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +94,8 @@ def test_feature_key_changes_with_what_defines_the_features(tmp_path: Path) -> N
 
 
 def test_frozen_recipe_requires_unaugmented_images() -> None:
-    from bench.errors import UsageError
-    from bench.recipe import resolve_recipe
+    from bench.config.recipe import resolve_recipe
+    from bench.core.errors import UsageError
 
     with pytest.raises(UsageError, match="protocol = 'frozen'.*set augment = 'none'"):
         resolve_recipe({"protocol": "frozen", "augment": "flip"}, "g.toml")

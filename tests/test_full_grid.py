@@ -3,6 +3,7 @@ training; `full-embedded` expands; bad head values in a grid stop the launch bef
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -10,14 +11,25 @@ from pathlib import Path
 import pytest
 
 from bench import cli
-from bench.grid import load_grid
-from bench.recipe import resolve_recipe
+from bench.api import head_class, list_heads
+from bench.config.grid import load_grid
+from bench.config.recipe import resolve_recipe
 
 ROOT_VARS = ("HEADBENCH_ROOT_VOC2007", "HEADBENCH_ROOT_COCO2014", "HEADBENCH_ROOT_NUSWIDE")
-# per dataset x backbone x seed: baseline 2, csra 5 x 4 + 4 (H = 1, T = inf), csra_free 4,
-# ml_gcn 3 x 4 + official + identity, attention fusion 1
-PER_SETUP = {"baseline": 2, "csra": 24, "csra_free": 4, "ml_gcn": 14, "attention_fusion": 1}
-CELLS_PER_SETUP = sum(PER_SETUP.values())  # 45
+# per dataset x backbone x seed, the seed heads' declared sweeps: baseline 2, csra 5 x 4 + 4
+# (H = 1, T = inf), csra_free 4, ml_gcn 3 x 4 + official + identity, attention fusion 1
+SEED_HEADS = {"baseline": 2, "csra": 24, "csra_free": 4, "ml_gcn": 14, "attention_fusion": 1}
+
+
+def declared_count(name: str) -> int:
+    """Configurations in head ``name``'s declared sweep (1 when it declares none)."""
+    sweep = head_class(name).sweep or ({},)
+    return sum(math.prod(len(v) if isinstance(v, list) else 1 for v in entry.values()) for entry in sweep)
+
+
+def cells_per_setup() -> int:
+    """Every registered head with its declared sweep: the full grids take them all ("*")."""
+    return sum(declared_count(name) for name in list_heads())
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -44,7 +56,7 @@ def test_full_dry_run_lists_cells_and_one_skip_per_missing_root(tmp_path: Path, 
     assert status == 2
     assert f"{voc} is not a VOC2007 folder" in flat(captured.err)
     text = flat(out)
-    cells = 2 * 3 * CELLS_PER_SETUP  # backbones x seeds x heads, voc2007 only
+    cells = 2 * 3 * cells_per_setup()  # backbones x seeds x heads, voc2007 only
     assert "grid full (" in text
     assert f": {cells} cells" in text
     # one skip line per missing root, each saying how to give it
@@ -55,7 +67,7 @@ def test_full_dry_run_lists_cells_and_one_skip_per_missing_root(tmp_path: Path, 
     listed = re.findall(r"^\s*\d+\s+([0-9a-f]{16})\s+(\S+) / (\S+) / (\w+)\(", out, flags=re.M)
     assert len(listed) == cells and len({r[0] for r in listed}) == cells
     assert {r[1] for r in listed} == {"voc2007"} and {r[2] for r in listed} == {"resnet50", "resnet101"}
-    assert Counter(r[3] for r in listed) == Counter({k: v * 6 for k, v in PER_SETUP.items()})
+    assert Counter(r[3] for r in listed) == Counter({k: declared_count(k) * 6 for k in list_heads()})
     assert not results.exists()  # nothing trained, nothing written
 
 
@@ -66,7 +78,7 @@ def test_full_dry_run_with_every_root_and_none(tmp_path: Path, no_roots: None, m
         monkeypatch.setenv(var, str(folder))
     assert cli.main(["--grid", "full", "--dry-run"]) == 2  # listed, then the empty folders are reported
     text = flat(capsys.readouterr().out)
-    assert f": {3 * 2 * 3 * CELLS_PER_SETUP} cells" in text and "skipped" not in text
+    assert f": {3 * 2 * 3 * cells_per_setup()} cells" in text and "skipped" not in text
     for var in ROOT_VARS:
         monkeypatch.delenv(var)
     assert cli.main(["--grid", "full", "--dry-run"]) == 0
@@ -74,10 +86,14 @@ def test_full_dry_run_with_every_root_and_none(tmp_path: Path, no_roots: None, m
     assert ": 0 cells" in text and text.count(": skipped, no data root given") == 3
 
 
+def test_seed_heads_declare_the_paper_sweeps() -> None:
+    assert {name: declared_count(name) for name in SEED_HEADS} == SEED_HEADS
+
+
 def test_full_grid_cells(tmp_path: Path, no_roots: None) -> None:
     grid = load_grid("full", data_roots={"voc2007": str(tmp_path)})
-    assert len(grid.cells) == 6 * CELLS_PER_SETUP
-    assert {c.recipe["image_size"] for c in grid.cells} == {448}
+    assert len(grid.cells) == 6 * cells_per_setup()
+    assert {c.recipe.image_size for c in grid.cells} == {448}
     assert grid.cells[0].recipe == resolve_recipe({"preset": "csra_voc"}, "test")
     csra = [c for c in grid.cells if c.head == "csra" and c.seed == 0 and c.backbone == "resnet101"]
     assert {(c.hparams["num_heads"], c.hparams["lam"]) for c in csra if not c.hparams["t1_inf"]} == {
@@ -102,7 +118,7 @@ def test_full_grid_cells(tmp_path: Path, no_roots: None) -> None:
 def test_full_embedded_expands_the_same_head_grid() -> None:
     grid = load_grid("full-embedded")
     seeds = sorted({c.seed for c in grid.cells})
-    assert len(grid.cells) == len(seeds) * CELLS_PER_SETUP and not grid.skipped
+    assert len(grid.cells) == len(seeds) * cells_per_setup() and not grid.skipped
     assert {c.dataset for c in grid.cells} == {"shapes"} and {c.backbone for c in grid.cells} == {"tiny_cnn"}
     full = load_grid("full", data_roots={"voc2007": "/"})
     heads = lambda g: sorted((c.head, tuple(sorted(c.hparams.items()))) for c in g.cells if c.seed == 0 and c.backbone == g.cells[0].backbone)  # noqa: E731
@@ -111,12 +127,12 @@ def test_full_embedded_expands_the_same_head_grid() -> None:
 
 def test_paper_recipes_are_presets_a_grid_can_name(tmp_path: Path) -> None:
     csra = resolve_recipe({"preset": "csra_voc"}, "t")
-    assert (csra["optimizer"], csra["lr"], csra["lr"] * csra["lrp"], csra["momentum"], csra["weight_decay"]) == ("sgd", 0.1, pytest.approx(0.01), 0.9, 1e-4)
-    assert (csra["batch_size"], csra["epochs"], csra["warmup_epochs"], csra["schedule"], csra["step_size"], csra["gamma"]) == (16, 30, 2.0, "step", 4, 0.1)
-    assert (csra["augment"], csra["crop_scale_min"], csra["image_size"], csra["loss"]) == ("flip_crop", 0.7, 448, "bce")
+    assert (csra.optimizer, csra.lr, csra.lr * csra.lrp, csra.momentum, csra.weight_decay) == ("sgd", 0.1, pytest.approx(0.01), 0.9, 1e-4)
+    assert (csra.batch_size, csra.epochs, csra.warmup_epochs, csra.schedule, csra.step_size, csra.gamma) == (16, 30, 2.0, "step", 4, 0.1)
+    assert (csra.augment, csra.crop_scale_min, csra.image_size, csra.loss) == ("flip_crop", 0.7, 448, "bce")
     gcn = resolve_recipe({"preset": "mlgcn_voc"}, "t")
-    assert (gcn["optimizer"], gcn["lr"], gcn["lrp"], gcn["image_size"], gcn["loss"]) == ("sgd", 0.1, 0.1, 448, "multilabel_soft_margin")
-    assert gcn["epochs"] < gcn["step_size"]  # the release never decays within its 20 epochs
+    assert (gcn.optimizer, gcn.lr, gcn.lrp, gcn.image_size, gcn.loss) == ("sgd", 0.1, 0.1, 448, "multilabel_soft_margin")
+    assert gcn.epochs < gcn.step_size  # the release never decays within its 20 epochs
     text = (CONFIGS / "full.toml").read_text()
     path = tmp_path / "mlgcn.toml"
     path.write_text(text.replace('preset = "csra_voc"', 'preset = "mlgcn_voc"'))

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+
 import os
 from pathlib import Path
 
 import pytest
-
-from bench import registry
-from bench.errors import UsageError
-from bench.grid import config_hash, load_grid
 from conftest import TINY_GRID, run_cli
+
+from bench.api import registry
+from bench.config.grid import config_hash, load_grid
+from bench.core.errors import UsageError
 
 PLUGIN = '''
 from torch import nn
-from bench.dataset import MultiLabelDataset
-from bench.registry import register_dataset, register_head
+from bench.api.dataset import MultiLabelDataset
+from bench.api.registry import register_dataset, register_head
 
 @register_head("scaled_probe")
 class ScaledProbe(nn.Module):
@@ -150,8 +152,23 @@ def test_filters_keep_only_named_entries_and_reject_unknown_ones(tmp_path: Path)
     text = TINY_GRID + '[[heads]]\nname = "scaled_probe"\n'
     path = write(tmp_path, text)
     assert {c.head for c in load_grid(str(path), heads=["scaled_probe"]).cells} == {"scaled_probe"}
-    with pytest.raises(UsageError, match="no head named 'csra'.*'baseline', 'scaled_probe'"):
-        load_grid(str(path), heads=["csra"])
+    with pytest.raises(UsageError, match="unknown head 'no_such_head'.*registered heads: .*'baseline'"):
+        load_grid(str(path), heads=["no_such_head"])
+
+
+def test_heads_option_runs_a_registered_head_the_grid_does_not_list(tmp_path: Path) -> None:
+    """--heads NAME with a head the grid does not list: its declared sweep on the grid's setup."""
+    from bench.api import head_class
+
+    path = write(tmp_path, TINY_GRID)
+    cells = load_grid(str(path), heads=["csra"]).cells
+    sweep = head_class("csra").sweep
+    expected = sum(len(list(itertools.product(*[v if isinstance(v, list) else [v] for v in entry.values()]))) for entry in sweep)
+    assert [c.head for c in cells] == ["csra"] * expected and expected > 1
+    assert {(c.dataset, c.backbone, c.seed) for c in cells} == {("shapes", "tiny_cnn", 0)}
+    # a head with no declared sweep runs once with its defaults
+    cells = load_grid(str(path), heads=["scaled_probe"]).cells
+    assert [(c.head, c.hparams) for c in cells] == [("scaled_probe", {"scale": 1.0, "depth": 1})]
 
 
 def test_dataset_without_root_is_skipped_with_one_clear_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.grid import load_grid
+from bench.config.grid import load_grid
 
 
 def toml_value(value: object) -> str:

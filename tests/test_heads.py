@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from bench import registry
-from bench.context import HeadContext
-from bench.errors import UsageError
+from bench.api import registry
+from bench.api.context import HeadContext
+from bench.core.errors import UsageError
 
 SIZES = (1, 3, 7, 14)
 HEADS = ("baseline", "csra", "csra_free", "ml_gcn", "attention_fusion")

@@ -1,4 +1,4 @@
-"""bench.metrics against independent references (sklearn, slow explicit loops, hand arithmetic)."""
+"""bench.eval.metrics against independent references (sklearn, slow explicit loops, hand arithmetic)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,14 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, f1_score, precision_score, recall_score
+from sklearn.metrics import (
+    average_precision_score,
+    f1_score,
+    precision_score,
+    recall_score,
+)
 
-from bench.metrics import (
+from bench.eval.metrics import (
     MetricsWarning,
     average_precision,
     evaluated_classes,

@@ -1,4 +1,4 @@
-"""Property tests of bench.metrics (hypothesis)."""
+"""Property tests of bench.eval.metrics (hypothesis)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.metrics import average_precision, multilabel_metrics
+from bench.eval.metrics import average_precision, multilabel_metrics
 
-pytestmark = pytest.mark.filterwarnings("ignore::bench.metrics.MetricsWarning")
+pytestmark = pytest.mark.filterwarnings("ignore::bench.eval.metrics.MetricsWarning")
 
 SETTINGS = settings(max_examples=60, deadline=None)
 GRID = 64  # scores are k / 64, k in 0..64: exact binary fractions, ties are common

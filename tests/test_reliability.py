@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from bench.locks import RunLock
-from bench.results import load_all
 from conftest import ROOT, accelerate_launch, run_cli
+
+from bench.results.locks import RunLock
+from bench.results.store import load_all
 
 GRID = """
 seeds = [0, 1]
@@ -41,7 +41,7 @@ NAN_PROBE = '''
 import os
 import torch
 from torch import nn
-from bench.registry import register_head
+from bench.api.registry import register_head
 
 @register_head("nan_probe")
 class NanProbe(nn.Module):
@@ -59,12 +59,12 @@ class NanProbe(nn.Module):
 RANK_PROBE = '''
 import os
 from torch import nn
-from bench.registry import register_head
+from bench.api.registry import register_head
 
 @register_head("rank_probe")
 class RankProbe(nn.Module):
     """Average pooling + linear that raises on process 1 only, in training or in evaluation."""
-    def __init__(self, in_channels, num_classes, context=None, fail_in="train"):
+    def __init__(self, in_channels, num_classes, context=None, *, fail_in: str = "train"):
         super().__init__()
         self.fc = nn.Linear(in_channels, num_classes)
         self.fail_in = fail_in

@@ -1,9 +1,9 @@
 """The leaderboard report: tables, Δ mAP, legend, plots, filters, merging, ``run_bench.py report``.
 
-The result directories are synthetic: rows written with ``bench.results.write_row`` and per-image
+The result directories are synthetic: rows written with ``bench.results.store.write_row`` and per-image
 scores with ``save_scores`` (two datasets, baseline avg/max, CSRA over H x λ, ML-GCN over τ x p,
 three seeds); expected numbers are computed here from the rows / scores, independently of
-``bench.report``.
+``bench.report.build``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score
 
-from bench import report, results
+from bench import report
 from bench.cli import main
-from bench.metrics import multilabel_metrics
+from bench.eval.metrics import multilabel_metrics
+from bench.results import store as results
 
 SEEDS = (0, 1, 2)
 RECIPE = {"protocol": "finetune", "epochs": 2, "lr": 0.003, "optimizer": "adamw", "batch_size": 32}
@@ -114,7 +115,8 @@ def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict
 @pytest.fixture(scope="module")
 def built(synthetic: tuple[Path, list[dict]]) -> tuple[Path, str]:
     folder, _ = synthetic
-    assert main(["report", "--results", str(folder), "--format", "md,html", "--resamples", "200"]) == 0
+    # 1,000 resamples: with families of 10, 200 could not show any Holm-significant difference
+    assert main(["report", "--results", str(folder), "--format", "md,html", "--resamples", "1000"]) == 0
     return folder, (folder / "leaderboard.md").read_text()
 
 
@@ -163,7 +165,9 @@ def test_sections_rank_experiments_by_mean_map_with_independent_mean_and_std(syn
         table = tables[f"{dataset} · tiny_cnn · finetune"]
         expected = expected_section(rows, dataset)
         assert len(table) == len(EXPERIMENTS)
-        assert list(table["rank"].astype(int)) == list(range(1, len(EXPERIMENTS) + 1))
+        # "1 (tied)" replaces the rank of the lines not significantly worse than the best (test_ties_for_first)
+        ranks = [(i + 1, r) for i, r in enumerate(table["rank"])]
+        assert all(r == str(i) for i, r in ranks if r != "1 (tied)")
         for (_, want), (_, got) in zip(expected.iterrows(), table.iterrows()):
             assert got["mAP"] == f"{100 * want['mAP']:.2f} ± {100 * want['std']:.2f}"
             assert int(got["n"]) == 3
@@ -250,11 +254,12 @@ def test_plots_exist_are_png_and_are_linked(built) -> None:
 
 
 def test_heatmap_uses_only_paper_reweighting(synthetic, built) -> None:
-    from bench.plots import HEATMAPS, _hparam_rows
+    from bench.report.plots import _hparam_rows
+    from bench.report.plugins import heatmap_specs
 
     folder, _ = synthetic
     summary = report.summarize(results.load_all(folder))
-    spec = next(s for s in HEATMAPS if s.head == "ml_gcn")
+    spec = next(s for s in heatmap_specs() if s.head == "ml_gcn")
     rows, fixed, why = _hparam_rows(summary[summary["dataset"] == "shapes"], spec, None)
     assert why == "" and len(rows) == 4 and all(h["reweight"] == "paper" for h in rows["hparams"])
 
@@ -331,7 +336,7 @@ def test_html_is_self_contained(built) -> None:
     folder, _ = built
     page = (folder / "report.html").read_text()
     assert "http://" not in page and "https://" not in page and "<link" not in page and 'src="data:image/png;base64,' in page
-    assert page.count("<img") == 8  # 4 plots x 2 sections
+    assert page.count("<img") == 9  # 4 plots x 2 sections + the critical-difference diagram across them
 
 
 def test_no_finished_runs(tmp_path: Path) -> None:
@@ -341,9 +346,10 @@ def test_no_finished_runs(tmp_path: Path) -> None:
 
 
 def test_heatmap_holds_other_hyper_parameters_at_the_default() -> None:
-    from bench.plots import HEATMAPS, _hparam_rows
+    from bench.report.plots import _hparam_rows
+    from bench.report.plugins import heatmap_specs
 
-    spec = next(s for s in HEATMAPS if s.head == "ml_gcn")
+    spec = next(s for s in heatmap_specs() if s.head == "ml_gcn")
     lines = []
     for graph in ("cooccurrence", "identity"):
         for tau in (0.3, 0.4):
@@ -359,7 +365,7 @@ def test_heatmap_holds_other_hyper_parameters_at_the_default() -> None:
 
 
 def test_pareto_front() -> None:
-    from bench.plots import pareto_front
+    from bench.report.plots import pareto_front
 
     x = np.array([1.0, 2.0, 2.0, 3.0, 0.5, np.nan])
     y = np.array([70.0, 75.0, 74.0, 75.0, 60.0, 99.0])
@@ -376,3 +382,72 @@ def test_a_seed_without_baseline_is_left_out_of_the_delta_and_said_so(tmp_path: 
     table = md_tables((tmp_path / "leaderboard.md").read_text())["shapes · tiny_cnn · finetune"]
     cell = table[table["hyper-parameters"] == "max pool"]["Δ mAP [95% CI]"].item()
     assert cell.endswith("(2/3 seeds)")
+
+
+def test_ranks_across_sections_are_drawn_linked_and_inlined(built) -> None:
+    folder, text = built
+    path = folder / "plots" / "across_sections__critical_difference.png"
+    assert path.is_file() and _png_ok(path)
+    across = text.split("## Across sections", 1)[1].split("## ", 1)[0]
+    assert "](plots/across_sections__critical_difference.png)" in across
+    assert "Friedman's test" in across and "Wilcoxon" in across and "Holm" in across
+    table = md_tables(text)["Across sections: mean ranks and critical differences"]
+    assert len(table) == len(EXPERIMENTS) and list(table.columns) == ["mean rank", "configuration", "mean mAP", "group"]
+    ranks = [float(v) for v in table["mean rank"]]
+    assert ranks == sorted(ranks) and sum(ranks) == pytest.approx(2 * sum(range(1, len(EXPERIMENTS) + 1)) / 2)
+    page = (folder / "report.html").read_text()
+    assert 'id="across"' in page and "Critical-difference diagram across sections" in page
+
+
+def test_one_section_says_why_there_are_no_ranks_across_sections(tmp_path: Path) -> None:
+    for seed in (0, 1):
+        write_experiment(tmp_path, "shapes", "baseline", {"pool": "avg"}, 0.0, seed)
+        write_experiment(tmp_path, "shapes", "baseline", {"pool": "max"}, 0.6, seed)
+    assert main(["report", "--results", str(tmp_path), "--format", "md", "--resamples", "50"]) == 0
+    text = (tmp_path / "leaderboard.md").read_text()
+    across = text.split("## Across sections", 1)[1].split("## ", 1)[0]
+    assert "only one section (shapes · tiny_cnn · finetune)" in across
+    assert not (tmp_path / "plots" / "across_sections__critical_difference.png").exists()
+
+
+def test_runs_selected_on_the_test_set_are_labelled_everywhere(tmp_path: Path) -> None:
+    from bench.report.html import render_html
+    from bench.report.markdown import render_markdown
+    from bench.report.tables import OPTIMISTIC
+
+    for seed in (0, 1):
+        for head, hparams, quality in EXPERIMENTS[:3]:
+            write_experiment(tmp_path, "shapes", head, hparams, quality, seed)
+        write_experiment(tmp_path, "shapes", "ml_gcn", {"tau": 0.4, "p": 0.2, "reweight": "official"}, 2.0, seed)
+    rows = results.load_all(tmp_path)
+    # the columns the training loop adds (issue 14 item 4), written here as synthetic rows
+    official = rows["hparams"].map(lambda h: h.get("reweight") == "official")
+    csra = rows["head"].eq("csra")
+    rows["select"] = np.where(official, "best_test", np.where(csra, "best_val", "last"))
+    rows["selected_epoch"] = np.where(official | csra, 7, 12)
+    rows["val_mAP"] = np.where(csra, 0.8123, np.nan)
+    built_report = report.build(rows, [tmp_path], tmp_path, n_resamples=100)
+    section = built_report.sections[0]
+    labels = dict(zip(section.table.text["head"] + " " + section.table.text["hyper-parameters"], section.table.text["selection"]))
+    ml_gcn = labels["ml_gcn " + report.describe_hparams("ml_gcn", {"tau": 0.4, "p": 0.2, "reweight": "official"})]
+    assert ml_gcn == f"best test epoch, epochs 7/7: {OPTIMISTIC}"  # the selected epoch of each seed
+    assert labels["csra " + report.describe_hparams("csra", EXPERIMENTS[2][1])] == "best validation epoch, epochs 7/7 (val mAP 81.23)"
+    assert labels["baseline max pool"] == "last epoch"
+    assert sum(OPTIMISTIC in v for v in labels.values()) == 1
+    # the best table (ml_gcn official is the best head) carries the label too
+    assert OPTIMISTIC in " ".join(built_report.best.text["selection"])
+    text = render_markdown(built_report)
+    lines = [line for line in text.splitlines() if line.startswith("|") and "official" in line]
+    assert lines and all(OPTIMISTIC in line for line in lines)
+    assert "model selection: 2 of 4 configurations did not score their last epoch" in text
+    assert f"**{OPTIMISTIC}**" in text.split("## Legend", 1)[1]  # the legend explains the label
+    # plots: the per-class plot compares the optimistic head, the trade-off plot marks it
+    notes = {p.slug: p.note for p in section.plots}
+    assert OPTIMISTIC in notes["per_class"] and OPTIMISTIC in notes["tradeoff"]
+    page = render_html(built_report, tmp_path)
+    assert page.count('class="txt optimistic"') >= 2 and OPTIMISTIC in page.split('id="legend"', 1)[1]
+    frame = built_report.comparisons
+    assert set(frame.loc[frame["head"] == "ml_gcn", "select"]) == {"best_test"}
+    # rows without the column are `last`: no selection column at all
+    plain = report.build(results.load_all(tmp_path), [tmp_path], None, n_resamples=50, plots=False)
+    assert "selection" not in plain.sections[0].table.labels

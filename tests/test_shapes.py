@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.errors import UsageError
-from bench.registry import build_dataset, dataset_class, dataset_options
+from bench.api.registry import build_dataset, dataset_class, dataset_options
+from bench.core.errors import UsageError
 
 SMALL = {"num_train": 200, "num_test": 100}
 

@@ -1,4 +1,4 @@
-"""Paired bootstrap of Δ mAP (bench.stats) against hand-computed cases and a slow reference."""
+"""Paired bootstrap of Δ mAP (bench.eval.bootstrap) against hand-computed cases and a slow reference."""
 
 from __future__ import annotations
 
@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from bench import stats
-from bench.metrics import average_precision
-from bench.stats import PairingError, RunScores, bootstrap_ap, delta_from_ap, paired_bootstrap, percentile_interval
+from bench.eval import bootstrap as stats
+from bench.eval.bootstrap import (
+    PairingError,
+    RunScores,
+    bootstrap_ap,
+    delta_from_ap,
+    paired_bootstrap,
+    percentile_interval,
+)
+from bench.eval.metrics import average_precision
 
 
 def run(scores, targets, ignore=None, ids=None, classes=None) -> RunScores:

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from bench.augment import augment, to_float
-from bench.backbones import build_backbone
-from bench.recipe import resolve_recipe
-from bench.train import Classifier, lr_factor, make_loss, make_optimizer
+from bench.config.recipe import resolve_recipe
+from bench.data.augment import augment, to_float
+from bench.engine.loop import make_loss
+from bench.engine.optim import lr_factor, make_optimizer
+from bench.models.backbones import build_backbone
+from bench.models.classifier import Classifier
 
 
 def recipe(**overrides):
@@ -109,4 +111,4 @@ def test_input_normalization_none_feeds_pixels_unchanged() -> None:
     imagenet = Classifier(backbone, nn.Identity()).eval()
     expected = backbone((images - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
     assert torch.allclose(imagenet.features(images), expected, atol=1e-6)
-    assert recipe(preset="csra_voc")["input_normalization"] == "none"  # CSRA's release: Normalize(0, 1)
+    assert recipe(preset="csra_voc").input_normalization == "none"  # CSRA's release: Normalize(0, 1)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.context import HeadContext
-from bench.registry import build_dataset
+from bench.api.context import HeadContext
+from bench.api.registry import build_dataset
 
 #: ``../shared`` beside the project (what the ``shared_data`` fixture of conftest.py checks)
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -1,0 +1,539 @@
+"""Grids as data: a TOML file -> validated, expanded cells, each with a stable ``run_id``.
+
+A grid file (``configs/<name>.toml``)::
+
+    description = "..."
+    seeds = [0, 1, 2]
+
+    [recipe]                 # bench/config/recipe.py: keys, defaults, presets
+    preset = "embedded_cpu"
+    epochs = 6
+
+    [[datasets]]             # name, optional root / train_split / test_split, then dataset options
+    name = "shapes"
+    num_train = 2000
+
+    [[backbones]]            # name, optional weights ("imagenet" where packaged, or a local file)
+    name = "tiny_cnn"
+
+    [[heads]]                # name, then hyper-parameters; a list is swept (product over keys)
+    name = "baseline"
+    pool = ["avg", "max"]
+
+    [[heads]]                # "*": EVERY registered head with its declared sweep (``Head.sweep``),
+    name = "*"               # or once with its defaults when it declares none; ``exclude`` = [names]
+
+    [run]                    # execution settings, not part of a run's identity
+    save_weights = "all"
+    heads_together = true    # frozen backbone: a cell group's heads train in one pass (bench/engine/group.py)
+
+A cell's identity (``run_id``) is the hash of its resolved configuration: dataset name, options and
+splits; backbone and weights; head and every hyper-parameter (defaults filled in); the resolved
+recipe; the seed. Where the data lives (``root``) and execution settings are not part of it.
+Expansion order is seeds, datasets, backbones, head entries (file order; ``"*"`` expands to the
+registered heads in name order), then hyper-parameter values (keys sorted), so it does not depend
+on the order of keys in the file.
+
+``--heads NAME`` keeps only that head's cells when the grid runs it; a registered head the grid
+does not run is added with its declared sweep (or its defaults) on the grid's datasets, backbones,
+recipe and seeds, so any head dropped into ``heads/`` can be run on any grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bench.api import registry
+from bench.api.registry import describe_backbone_names, is_known_backbone
+from bench.config.recipe import Recipe, resolve_recipe
+from bench.core.errors import UsageError, choices
+from bench.core.paths import PROJECT_ROOT
+
+CONFIG_DIR = PROJECT_ROOT / "configs"
+#: seeds feed numpy's and torch's generators, which take 32-bit unsigned integers
+MAX_SEED = 2**32 - 1
+TOP_KEYS = ("description", "seeds", "recipe", "datasets", "backbones", "heads", "run")
+DATASET_KEYS = ("name", "root", "train_split", "test_split")
+BACKBONE_KEYS = ("name", "weights")
+RUN_KEYS: dict[str, tuple[type, Any, tuple[Any, ...] | None]] = {
+    "save_weights": (str, "all", ("all", "head", "none")),
+    "checkpoint": (str, "epoch", ("epoch", "none")),
+    # frozen backbone: train a cell group's heads in one pass (bench/engine/group.py); false: one at a time
+    "heads_together": (bool, True, (True, False)),
+}
+
+
+@dataclass
+class Cell:
+    """One run of the grid: everything needed to train and evaluate it."""
+
+    dataset: str
+    dataset_options: dict[str, Any]
+    train_split: str
+    test_split: str
+    backbone: str
+    weights: str | None
+    head: str
+    hparams: dict[str, Any]
+    recipe: Recipe
+    seed: int
+    root: str | None = None  # where the data lives: not part of the identity
+    recipe_preset: str | None = None
+    source_run_id: str | None = None  # for a derived (training-free) head: the run it reuses
+
+    def config(self) -> dict[str, Any]:
+        """The resolved configuration that defines this run (hashed into ``run_id``)."""
+        return {
+            "dataset": {
+                "name": self.dataset,
+                "options": self.dataset_options,
+                "train_split": self.train_split,
+                "test_split": self.test_split,
+            },
+            "backbone": {"name": self.backbone, "weights": self.weights},
+            "head": {"name": self.head, "hparams": self.hparams},
+            "recipe": self.recipe.identity(),
+            "seed": self.seed,
+        }
+
+    @property
+    def run_id(self) -> str:
+        return config_hash(self.config())
+
+    @property
+    def group_id(self) -> str:
+        """Identity of the cell up to its seed: rows sharing it are repeats of one experiment."""
+        config = self.config()
+        del config["seed"]
+        return config_hash(config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], root: str | None = None) -> "Cell":
+        """Rebuild a cell from :meth:`config` output (e.g. the JSON stored with a result row)."""
+        d, b, h = config["dataset"], config["backbone"], config["head"]
+        return cls(
+            dataset=d["name"], dataset_options=d["options"], train_split=d["train_split"],
+            test_split=d["test_split"], backbone=b["name"], weights=b["weights"], head=h["name"],
+            hparams=h["hparams"], recipe=Recipe.from_dict(config["recipe"]), seed=config["seed"], root=root,
+        )
+
+    def describe(self) -> str:
+        hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
+        return f"{self.dataset} / {self.backbone} / {self.head}({hp}) / seed {self.seed}"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A 16-hex-digit hash of a JSON-able config, independent of key order."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PendingDataset:
+    """A dataset of the grid that has no data root yet: how many cells it will add, and how to
+    give its root."""
+
+    name: str
+    cells: int
+    how: str
+    layout: str
+
+    def describe(self) -> str:
+        return f"{self.name}: skipped, no data root given ({self.how}); {self.cells} cells once it is given; {self.layout}"
+
+
+@dataclass
+class Grid:
+    """An expanded grid: its cells, the datasets skipped for lack of data, execution settings."""
+
+    name: str
+    path: Path
+    description: str
+    cells: list[Cell]
+    pending: list[PendingDataset] = field(default_factory=list)
+    run: dict[str, Any] = field(default_factory=dict)
+    head_configs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # after --heads
+    backbones: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> list[str]:
+        """One line per dataset skipped for lack of a data root."""
+        return [p.describe() for p in self.pending]
+
+
+def grid_path(name: str) -> Path:
+    """``configs/<name>.toml`` for a bare name, else the path itself."""
+    path = Path(name)
+    if path.suffix == ".toml" or os.sep in name:
+        candidate = path
+    else:
+        candidate = CONFIG_DIR / f"{name}.toml"
+    if not candidate.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.toml") if p.stem != "recipes")
+        raise UsageError(f"grid {name!r} not found ({candidate} does not exist); grids in {CONFIG_DIR}: {choices(known)}")
+    return candidate
+
+
+def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
+    """Give a TOML value the type of the parameter's default (int -> float where a float is expected);
+    a NaN or infinite number (TOML ``nan``, ``inf``) is never a valid setting."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UsageError(f"{where}: {key!r} = {value!r} is not a finite number")
+    if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)):
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    raise UsageError(
+        f"{where}: {key!r} = {value!r} has type {type(value).__name__}; expected {type(default).__name__} "
+        f"(default {default!r})"
+    )
+
+
+def _table_list(data: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
+    value = data.get(key)
+    if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
+        raise UsageError(f"{where}: needs at least one [[{key}]] table with a 'name'")
+    for i, entry in enumerate(value):
+        if not isinstance(entry.get("name"), str):
+            raise UsageError(f"{where}: [[{key}]] entry {i + 1} has no string 'name'")
+    return value
+
+
+def _filter(entries: list[dict[str, Any]], wanted: list[str] | None, what: str, where: str) -> list[dict[str, Any]]:
+    if not wanted:
+        return entries
+    present = [e["name"] for e in entries]
+    unknown = [w for w in wanted if w not in present]
+    if unknown:
+        raise UsageError(f"{where}: no {what} named {choices(unknown)} in this grid; it has {choices(dict.fromkeys(present))}")
+    return [e for e in entries if e["name"] in wanted]
+
+
+def _select_heads(entries: list[dict[str, Any]], wanted: list[str] | None, where: str) -> list[dict[str, Any]]:
+    """``--heads``: the grid's entries of those heads; a registered head the grid does not run
+    gets its declared sweep (or its defaults)."""
+    if not wanted:
+        return entries
+    out = [e for e in entries if e["name"] in wanted]
+    present = {e["name"] for e in entries}
+    for name in dict.fromkeys(wanted):
+        if name in present:
+            continue
+        if name not in registry.list_heads():
+            raise UsageError(f"{where}: --heads names unknown head {name!r}; registered heads: {choices(registry.list_heads())}")
+        out += declared_entries(name)
+    return out
+
+
+def _dataset_root(name: str, entry_root: str | None, data_roots: dict[str, str]) -> tuple[str | None, str]:
+    """Where dataset ``name``'s data is: ``--data-root`` beats the grid's ``root``, which beats
+    ``$HEADBENCH_ROOT_<NAME>``. Returns (root or None, a phrase saying how to set it)."""
+    env = f"HEADBENCH_ROOT_{name.upper()}"
+    how = f"pass --data-root {name}=PATH or set ${env}"
+    for candidate in (data_roots.get(name), entry_root, os.environ.get(env)):
+        if candidate:
+            return str(Path(candidate).expanduser()), how
+    return None, how
+
+
+def _expand_datasets(entries: list[dict[str, Any]], data_roots: dict[str, str], where: str):
+    """(name, options, root, train_split, test_split) per dataset entry, and per dataset entry
+    without a data root (name, how to give it, expected layout)."""
+    resolved, skipped = [], []
+    for i, entry in enumerate(entries):
+        name = entry["name"]
+        label = f"{where} [[datasets]] {i + 1} ({name})"
+        try:
+            cls = registry.dataset_class(name)
+        except UsageError as exc:
+            raise UsageError(f"{label}: {exc}") from None
+        options = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
+        defaults = registry.dataset_options(name)
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise UsageError(f"{label}: unknown option(s) {choices(unknown)}; valid: {choices(['root', 'train_split', 'test_split', *sorted(defaults)])}")
+        for key, value in options.items():
+            if isinstance(value, list) and not (defaults[key] is None or isinstance(defaults[key], (list, tuple))):
+                raise UsageError(f"{label}: option {key!r} is a list; to compare datasets add another [[datasets]] entry")
+            options[key] = _coerce(value, list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key], label, key)
+        full = {**defaults, **options}
+        for key in ("root", "train_split", "test_split"):
+            if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
+                raise UsageError(f"{label}: {key} = {entry[key]!r} must be a non-empty string" + (" (a folder path)" if key == "root" else f"; valid splits: {choices(cls.splits)}"))
+        splits = {}
+        for key, default in (("train_split", cls.train_split), ("test_split", cls.test_split)):
+            splits[key] = entry.get(key, default)
+            if splits[key] not in cls.splits:
+                raise UsageError(f"{label}: {key} = {splits[key]!r}; valid splits: {choices(cls.splits)}")
+        root, how = _dataset_root(name, entry.get("root"), data_roots)
+        if getattr(cls, "needs_root", False):
+            if root is None:
+                skipped.append((name, how, cls.expected_layout))
+                continue
+            if not Path(root).is_dir():
+                raise UsageError(f"{label}: data root {root} does not exist or is not a folder ({how}); {cls.expected_layout}")
+        resolved.append((name, full, root, splits["train_split"], splits["test_split"]))
+    return resolved, skipped
+
+
+ALL_HEADS = "*"
+
+
+def declared_entries(name: str) -> list[dict[str, Any]]:
+    """``[[heads]]`` entries for head ``name``'s declared sweep (one entry of defaults if none)."""
+    sweep = getattr(registry.head_class(name), "sweep", ()) or ({},)
+    return [{"name": name, **entry} for entry in sweep]
+
+
+def _resolve_head_entries(entries: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    """Replace a ``name = "*"`` entry with every registered head's declared entries."""
+    out: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        if entry["name"] != ALL_HEADS:
+            out.append(entry)
+            continue
+        extra = sorted(set(entry) - {"name", "exclude"})
+        if extra:
+            raise UsageError(f"{where} [[heads]] {i + 1} (\"*\"): only 'exclude' may go with name = \"*\"; got {choices(extra)}")
+        exclude = entry.get("exclude", [])
+        if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
+            raise UsageError(f"{where} [[heads]] {i + 1} (\"*\"): 'exclude' must be a list of head names")
+        unknown = [e for e in exclude if e not in registry.list_heads()]
+        if unknown:
+            raise UsageError(f"{where} [[heads]] {i + 1} (\"*\"): exclude names unknown head(s) {choices(unknown)}; registered: {choices(registry.list_heads())}")
+        for name in registry.list_heads():
+            if name not in exclude:
+                out += declared_entries(name)
+    return out
+
+
+def _expand_heads(entries: list[dict[str, Any]], where: str) -> list[tuple[str, dict[str, Any]]]:
+    out: list[tuple[str, dict[str, Any]]] = []
+    for i, entry in enumerate(entries):
+        name = entry["name"]
+        label = f"{where} [[heads]] {i + 1} ({name})"
+        given = {k: v for k, v in entry.items() if k != "name"}
+        try:
+            defaults = registry.head_hparams(name)
+            registry.check_head_hparams(name, given)
+        except UsageError as exc:
+            raise UsageError(f"{label}: {exc}") from None
+        keys = sorted(given)
+        value_lists = []
+        for key in keys:
+            values = given[key] if isinstance(given[key], list) else [given[key]]
+            if not values:
+                raise UsageError(f"{label}: {key!r} is an empty list, so the grid would have no cells")
+            value_lists.append([_coerce(v, defaults[key], label, key) for v in values])
+        for combo in itertools.product(*value_lists):
+            out.append((name, {**defaults, **dict(zip(keys, combo))}))
+    return out
+
+
+def _run_options(table: dict[str, Any], where: str) -> dict[str, Any]:
+    options = {}
+    if not isinstance(table, dict):
+        raise UsageError(f"{where}: 'run' must be a table [run], got {table!r}")
+    for key, value in table.items():
+        if key not in RUN_KEYS:
+            raise UsageError(f"{where}: unknown [run] key {key!r}; valid: {choices(sorted(RUN_KEYS))}")
+    for key, (typ, default, allowed) in RUN_KEYS.items():
+        value = table.get(key, default)
+        if not isinstance(value, typ) or (allowed and value not in allowed):
+            raise UsageError(f"{where}: [run] {key} = {value!r}; expected one of {choices(allowed or ())}")
+        options[key] = value
+    return options
+
+
+def load_grid(
+    name: str,
+    heads: list[str] | None = None,
+    datasets: list[str] | None = None,
+    backbones: list[str] | None = None,
+    data_roots: dict[str, str] | None = None,
+) -> Grid:
+    """Read, validate and expand grid ``name`` (``configs/<name>.toml`` or a path).
+
+    Args:
+        heads, datasets, backbones: keep only these names (each must appear in the grid).
+        data_roots: ``{dataset name: root}`` from the command line.
+    """
+    path = grid_path(name)
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{where}: not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise UsageError(f"{where}: cannot be read: {exc.strerror or exc}") from exc
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise UsageError(f"{where}: unknown top-level key(s) {choices(unknown)}; valid: {choices(TOP_KEYS)}")
+
+    seeds = data.get("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UsageError(f"{where}: 'seeds' must be an integer or a non-empty list of integers, got {data.get('seeds')!r}")
+    out_of_range = [s for s in seeds if not 0 <= s <= MAX_SEED]
+    if out_of_range:
+        raise UsageError(f"{where}: 'seeds' holds {choices(out_of_range)}, out of range; a seed is an integer in 0 .. {MAX_SEED} (2^32 - 1)")
+    if not isinstance(data.get("description", ""), str):
+        raise UsageError(f"{where}: 'description' must be a string, got {data['description']!r}")
+    recipe_table = data.get("recipe", {})
+    if not isinstance(recipe_table, dict):
+        raise UsageError(f"{where}: 'recipe' must be a table [recipe]")
+    recipe = resolve_recipe(recipe_table, where)
+    preset = recipe_table.get("preset")
+    run = _run_options(data.get("run", {}), where)
+
+    dataset_entries = _filter(_table_list(data, "datasets", where), datasets, "dataset", where)
+    backbone_entries = _filter(_table_list(data, "backbones", where), backbones, "backbone", where)
+    head_entries = _select_heads(_resolve_head_entries(_table_list(data, "heads", where), where), heads, where)
+
+    for i, entry in enumerate(backbone_entries):
+        unknown = sorted(set(entry) - set(BACKBONE_KEYS))
+        if unknown:
+            raise UsageError(f"{where} [[backbones]] {i + 1}: unknown key(s) {choices(unknown)}; valid: {choices(BACKBONE_KEYS)}")
+        if not is_known_backbone(entry["name"]):
+            raise UsageError(f"{where} [[backbones]] {i + 1}: unknown backbone {entry['name']!r}; valid: {describe_backbone_names()}")
+        if not isinstance(entry.get("weights", ""), str):
+            raise UsageError(f"{where} [[backbones]] {i + 1}: 'weights' must be a path string")
+
+    resolved_datasets, skipped = _expand_datasets(dataset_entries, data_roots or {}, where)
+    head_cells = _expand_heads(head_entries, where)
+    per_dataset = len(with_sources([
+        Cell(dataset="", dataset_options={}, train_split="", test_split="", backbone=bb["name"], weights=bb.get("weights") or None,
+             head=head, hparams=hparams, recipe=recipe, seed=seed)
+        for seed, bb, (head, hparams) in itertools.product(seeds, backbone_entries, head_cells)
+    ]))
+    pending = [PendingDataset(name, per_dataset, how, layout) for name, how, layout in skipped]
+
+    cells: list[Cell] = []
+    for seed, (ds, options, root, train_split, test_split), bb, (head, hparams) in itertools.product(
+        seeds, resolved_datasets, backbone_entries, head_cells
+    ):
+        cell = Cell(
+            dataset=ds, dataset_options=options, train_split=train_split, test_split=test_split,
+            backbone=bb["name"], weights=bb.get("weights") or None, head=head, hparams=hparams,
+            recipe=recipe, seed=seed, root=root, recipe_preset=preset,
+        )
+        cells.append(cell)
+    cells = with_sources(cells)
+    check_derived_weights(cells, run, where)
+    return Grid(name=path.stem, path=path, description=data.get("description", ""), cells=cells, pending=pending, run=run,
+        head_configs=head_cells, backbones=[b["name"] for b in backbone_entries], seeds=list(seeds),
+    )
+
+
+def check_derived_weights(cells: list[Cell], run: dict[str, Any], where: str) -> None:
+    """A derived head (class metadata ``derived_from``) rebuilds its source run's trained model
+    from the source's saved weights, backbone included: ``[run] save_weights`` must then be
+    ``"all"``, or every derived run would fail after its source trained."""
+    save = run.get("save_weights", "all")
+    derived = sorted({c.head for c in cells if c.source_run_id is not None})
+    if save != "all" and derived:
+        files = ", ".join(f"{h} ({registry.source_file(registry.head_class(h))})" for h in derived)
+        raise UsageError(
+            f"{where}: [run] save_weights = {save!r}, but head(s) {files} reuse the trained weights of another run "
+            "(derived_from), which needs the full weights saved: set save_weights = 'all' (valid values: 'all', 'head', "
+            "'none'; 'all' is the only one with derived heads), or leave those heads out"
+        )
+
+
+def with_sources(cells: list[Cell]) -> list[Cell]:
+    """Drop duplicate cells, and put the source run of every derived head just before it.
+
+    A head class with ``derived_from = (head, hparams)`` is not trained: it reuses the trained
+    weights of that head in the same dataset / backbone / recipe / seed (e.g. ``csra_free`` scores
+    a trained average-pooling baseline's classifier with ``mean + λ·max``).
+    """
+    out: list[Cell] = []
+    seen: set[str] = set()
+    for cell in cells:
+        derived = getattr(registry.head_class(cell.head), "derived_from", None)
+        if derived is not None:
+            source_head, source_hparams = derived
+            source = replace(cell, head=source_head, hparams={**registry.head_hparams(source_head), **source_hparams})
+            cell.source_run_id = source.run_id
+            if source.run_id not in seen:
+                seen.add(source.run_id)
+                out.append(source)
+        if cell.run_id not in seen:
+            seen.add(cell.run_id)
+            out.append(cell)
+    return out
+
+
+def grids_without_roots() -> list[str]:
+    """Names of the shipped grids whose datasets all need no data root (the embedded data)."""
+    out = []
+    for path in sorted(CONFIG_DIR.glob("*.toml")):
+        if path.stem == "recipes":
+            continue
+        try:
+            with open(path, "rb") as f:
+                entries = tomllib.load(f).get("datasets", [])
+            if entries and all(not getattr(registry.dataset_class(e["name"]), "needs_root", False) for e in entries):
+                out.append(path.stem)
+        except Exception:  # a broken grid file is reported when it is used, not here
+            continue
+    return out
+
+
+def no_cells_error(grid: Grid) -> UsageError:
+    """The usage error of a grid all of whose datasets lack a data root."""
+    flags = " ".join(f"--data-root {p.name}=PATH" for p in grid.pending)
+    embedded = grids_without_roots()
+    text = f"{grid.path}: no cell to run: no data root for {choices(p.name for p in grid.pending)}; pass {flags} (or set $HEADBENCH_ROOT_<NAME>)"
+    if embedded:
+        text += f"; grids that run on the embedded data with no root: {choices(embedded)} (e.g. --grid {embedded[0]})"
+    return UsageError(text)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` (1 <= K <= N) -> (K, N)."""
+    k, sep, n = text.partition("/")
+    try:
+        shard, count = int(k), int(n)
+    except ValueError:
+        shard, count = 0, 0
+    if not sep or not 1 <= shard <= count:
+        raise UsageError(f"--shard expects K/N with 1 <= K <= N (e.g. 2/4), got {text!r}")
+    return shard, count
+
+
+def head_group_key(cell: Cell) -> str | None:
+    """The key shared by every cell whose heads can train in one pass over the data: same dataset
+    (options, splits, root), backbone and weights, recipe and seed, with the backbone frozen
+    (``protocol = "frozen"`` or ``freeze_backbone = true``), so that they all see the same
+    batches of the same features. None when the backbone trains (each cell is its own pass)."""
+    if not (cell.recipe.protocol == "frozen" or cell.recipe.freeze_backbone):
+        return None
+    config = cell.config()
+    del config["head"]
+    return config_hash({**config, "root": cell.root})
+
+
+def shard_cells(cells: list[Cell], shard: int, count: int) -> list[Cell]:
+    """Every ``count``-th family of cells, starting with the ``shard``-th (1-based).
+
+    A family is a trained cell together with the derived cells that reuse it, so a derived head
+    always runs in the launch that trains its source; on a frozen backbone it is the whole head
+    group (:func:`head_group_key`), whose heads train in one pass. The order is the grid's expansion order,
+    which is stable, so N launches with shards 1/N .. N/N run every cell exactly once.
+    """
+    families: dict[str, list[Cell]] = {}
+    for cell in cells:
+        families.setdefault(head_group_key(cell) or cell.source_run_id or cell.run_id, []).append(cell)
+    chosen = [family for i, family in enumerate(families.values()) if i % count == shard - 1]
+    return [cell for family in chosen for cell in family]

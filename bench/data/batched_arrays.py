@@ -1,0 +1,80 @@
+"""Labelled arrays as a map-style dataset that a ``DataLoader`` reads a whole batch at a time.
+
+The image cache and the feature cache both hold ``data [N, ...]`` (memory-mapped), ``targets
+uint8 [N, C]`` and ``ignore bool [N, C]``. Reading them one item at a time costs a NumPy index, two
+dtype conversions and a ``torch.stack`` per item, which on a small head dominates a frozen-protocol
+epoch. ``torch.utils.data`` lets a dataset answer a whole list of indices through
+``__getitems__``; :class:`ArrayItems` does so with one fancy-index read per array, and
+:func:`array_loader` pairs it with :func:`collate_fetched`, which passes the batch through.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+
+class FetchedBatch(NamedTuple):
+    """A batch read in one go: ``data [B, ...]``, ``targets float [B, C]``, ``ignore bool [B, C]``."""
+
+    data: torch.Tensor
+    targets: torch.Tensor
+    ignore: torch.Tensor
+
+
+class ArrayItems(torch.utils.data.Dataset):
+    """Items ``(data[i] as stored, target float [C], ignore bool [C])`` over three aligned arrays.
+
+    Args:
+        data: [N, ...] any NumPy dtype torch understands (uint8 images, float16 features), possibly
+            memory-mapped.
+        targets: uint8 or float [N, C]; ignore: bool [N, C].
+    """
+
+    def __init__(self, data: np.ndarray, targets: np.ndarray, ignore: np.ndarray) -> None:
+        if not (len(data) == len(targets) == len(ignore)):
+            raise ValueError(f"arrays disagree on N: data {len(data)}, targets {len(targets)}, ignore {len(ignore)}")
+        self.data = data
+        self.targets = np.ascontiguousarray(targets, dtype=np.float32)
+        self.ignore = np.ascontiguousarray(ignore, dtype=bool)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (
+            torch.from_numpy(np.array(self.data[index])),
+            torch.from_numpy(self.targets[index].copy()),
+            torch.from_numpy(self.ignore[index].copy()),
+        )
+
+    def __getitems__(self, indices: list[int]) -> FetchedBatch:
+        rows = np.asarray(indices, dtype=np.int64)
+        return FetchedBatch(
+            torch.from_numpy(self.data[rows]),  # fancy indexing copies, even from a memmap
+            torch.from_numpy(self.targets[rows]),
+            torch.from_numpy(self.ignore[rows]),
+        )
+
+
+def collate_fetched(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``collate_fn`` of :func:`array_loader`: the dataset already built the batch."""
+    if not isinstance(batch, FetchedBatch):
+        raise TypeError(f"collate_fetched expects the FetchedBatch of ArrayItems.__getitems__, got {type(batch).__name__}")
+    return batch.data, batch.targets, batch.ignore
+
+
+def array_loader(items: ArrayItems, batch_size: int, shuffle: bool = False,
+                 generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+    """A single-process ``DataLoader`` yielding ``(data [B, ...], targets [B, C], ignore [B, C])``.
+
+    Without ``generator`` the loader gets a fresh one of its own: a DataLoader draws a base seed
+    from its generator each time it is iterated, and drawing it from the global generator would
+    make an evaluation between epochs change the dropout draws of the epochs after it.
+    """
+    return torch.utils.data.DataLoader(
+        items, batch_size=batch_size, shuffle=shuffle, generator=generator if generator is not None else torch.Generator(),
+        num_workers=0, collate_fn=collate_fetched,
+    )
