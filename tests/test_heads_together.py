@@ -20,7 +20,13 @@ import torch
 from conftest import ROOT, accelerate_launch, run_cli
 from torch import nn
 
-from bench.api import list_heads
+from bench.api import head_class, list_heads
+from bench.core.paths import source_file
+
+
+def project_heads() -> list[str]:
+    """Every head of the project's heads/ folder (not probe heads other tests register)."""
+    return [name for name in list_heads() if source_file(head_class(name)).startswith("heads/")]
 from bench.config.grid import head_group_key, load_grid, shard_cells
 from bench.core.errors import UsageError
 from bench.engine import group as G
@@ -154,7 +160,7 @@ def test_every_head_family_together_equals_one_at_a_time(tmp_path: Path, monkeyp
     """Augmented batches through a frozen backbone, per-epoch validation, dropout heads: each head
     trained in the group gets the numbers it gets alone (every registered head, defaults)."""
     grid_file = tmp_path / "augmented.toml"
-    grid_file.write_text(AUGMENTED + "".join(f'[[heads]]\nname = "{name}"\n' for name in list_heads()))
+    grid_file.write_text(AUGMENTED + "".join(f'[[heads]]\nname = "{name}"\n' for name in project_heads()))
     # two passes of at most 3 heads each: the memory split is exercised too
     monkeypatch.setattr(G, "split_by_memory", lambda sizes, budget: [list(range(i, min(i + 3, len(sizes)))) for i in range(0, len(sizes), 3)])
     alone = run_in_process(grid_file, tmp_path / "alone", False, monkeypatch)

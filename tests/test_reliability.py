@@ -201,7 +201,7 @@ def test_a_failure_on_one_process_fails_the_run_on_all_and_the_grid_goes_on(tmp_
     rows = load_all(out)
     assert len(rows) == 3 and (rows["world_size"] == 2).all()
     assert rows.set_index("head").loc["baseline", "status"] == "finished"
-    probes = rows[rows["head"] == "rank_probe"].set_index(rows[rows["head"] == "rank_probe"]["hparams"].map(lambda h: json.loads(h)["fail_in"]))
+    probes = rows[rows["head"] == "rank_probe"].set_index(rows[rows["head"] == "rank_probe"]["hparams"].map(lambda h: h["fail_in"]))  # JSON columns come back decoded
     assert (probes["status"] == "failed").all() and (probes["error_type"] == "PeerFailure").all()
     assert "training step 0" in probes.loc["train", "error"] and "evaluation batch 0" in probes.loc["eval", "error"]
     for mode in ("train", "eval"):
