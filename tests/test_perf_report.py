@@ -49,14 +49,15 @@ def test_a_section_is_replaced_in_place_and_the_rest_of_the_report_kept(tmp_path
 def test_heads_together_section_reports_targets():
     from bench.perf.training import render_together
 
-    limit = {"pass_s": 1.0, "heads_fwd_bwd_s": 2.0, "heads_step_s": 0.5, "limit_s": 3.0}
+    limit = {"pass_s": 1.0, "heads_fwd_bwd_s": 2.0, "heads_step_s": 0.5, "limit_s": 3.0, "group_s": 4.0, "ratio": 4.0 / 3.0, "batches": 8, "repeats": 3}
+    slow = {**limit, "group_s": 6.0, "ratio": 2.0}
     a = {"heads": 21, "backbone": "resnet18", "augment": "flip", "num_train": 1000, "image_size": 64, "epochs": 3, "batch_size": 32,
          "alone_s": 120.0, "together_s": 24.0, "ratio": 5.0, "alone_train_s": 100.0, "together_train_s": 10.0, "group_epoch_s": 4.0, "limit": limit}
     full = {"runs": 55, "heads": 51, "alone_s": 50.0, "together_s": 40.0, "ratio": 1.25, "alone_train_s": 30.0, "together_train_s": 20.0,
-            "group_epoch_s": 6.0, "limit": limit}
+            "group_epoch_s": 6.5, "limit": slow}
     cached = {"full": full, "growth": [{**full, "n": 5}], "backbone": "tiny_cnn", "num_train": 1500, "epochs": 3, "image_size": 64, "batch_size": 32}
     text = render_together("cpu", "python -m bench.perf --only together", a, cached)
     assert "| wall | 120.0 | 24.0 | **5.0×** | ≥ 4×: met |" in text
     assert "| wall | 50.0 | 40.0 | **1.25×** | not slower: met |" in text
-    assert "**1.33×** | 0.50 | met |" in text  # (d) (a): 4.0 / 3.0
-    assert "**2.00×** | 0.50 | missed by 0.50 |" in text  # (d) (b): 6.0 / 3.0
+    assert "| 4.00 | 1.00 | 2.00 | 3.00 | **1.33×** | 0.50 | 4.00 | met |" in text  # (d) (a): 4.0 / (1.0 + 2.0)
+    assert "| 6.00 | 1.00 | 2.00 | 3.00 | **2.00×** | 0.50 | 6.50 | missed by 0.50 |" in text  # (d) (b): 6.0 / 3.0
