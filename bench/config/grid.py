@@ -10,15 +10,15 @@ A grid file (``configs/<name>.toml``)::
     epochs = 6
 
     [[datasets]]             # name, optional root / train_split / test_split, then dataset options
-    name = "shapes"
+    name = "<dataset>"
     num_train = 2000
 
     [[backbones]]            # name, optional weights ("imagenet" where packaged, or a local file)
     name = "tiny_cnn"
 
     [[heads]]                # name, then hyper-parameters; a list is swept (product over keys)
-    name = "baseline"
-    pool = ["avg", "max"]
+    name = "<head>"
+    hparam = [1, 2]
 
     [[heads]]                # "*": EVERY registered head with its declared sweep (``Head.sweep``),
     name = "*"               # or once with its defaults when it declares none; ``exclude`` = [names]

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bench.eval import bootstrap as stats
-from bench.report import plots as plotting
+import bench.report.plots as plotting
 from bench.report.comparisons import (
     AcrossSections,
     CachedBootstrapper,
