@@ -451,3 +451,15 @@ def test_runs_selected_on_the_test_set_are_labelled_everywhere(tmp_path: Path) -
     # rows without the column are `last`: no selection column at all
     plain = report.build(results.load_all(tmp_path), [tmp_path], None, n_resamples=50, plots=False)
     assert "selection" not in plain.sections[0].table.labels
+
+
+def test_recipe_line_leaves_out_keys_without_effect() -> None:
+    from bench.report.model import _recipe_text
+
+    bce = {"loss": "bce", "lr": 0.01, "asl_gamma_neg": 4.0, "asl_clip": 0.05, "select": "last", "val_fraction": 0.1}
+    text = _recipe_text(bce, None)
+    assert "lr=0.01" in text and "loss=bce" in text and "select=last" in text
+    assert "asl_" not in text and "val_fraction" not in text
+    asl = {**bce, "loss": "asl", "asl_gamma_neg": 2.0, "select": "best_val"}
+    text = _recipe_text(asl, None)
+    assert "asl_gamma_neg=2.0" in text and "asl_clip=0.05" in text and "val_fraction=0.1" in text

@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from bench.api.registry import list_losses
 from bench.core.errors import UsageError, choices
@@ -36,6 +36,13 @@ class Key:
     in_id_at_default: bool = True
     #: True: the range is open, minimum < value < maximum (a fraction that must leave something on both sides)
     exclusive: bool = False
+    #: (key, value): this key takes effect only when the recipe's ``key`` equals ``value`` (the ASL
+    #: parameters when ``loss = "asl"``); reports leave it out of a recipe where it has no effect
+    applies_when: tuple[str, Any] | None = None
+
+    def in_effect(self, recipe: Mapping[str, Any]) -> bool:
+        """Whether this key changes anything in ``recipe`` (see :attr:`applies_when`)."""
+        return self.applies_when is None or recipe.get(self.applies_when[0]) == self.applies_when[1]
 
     def values(self) -> tuple[Any, ...] | None:
         """The allowed values (None: any value of the types within the range)."""
@@ -71,9 +78,9 @@ KEYS: dict[str, Key] = {
     "gamma": Key((float,), 0.1, minimum=0.0, maximum=1.0),
     "loss": Key((str,), "bce", list_losses, doc="a registered loss (bench/models/losses.py)"),
     # parameters of loss = "asl" (passed as gamma_neg / gamma_pos / clip; ignored by other losses)
-    "asl_gamma_neg": Key((float,), 4.0, minimum=0.0, doc="ASL focusing exponent of the negatives", in_id_at_default=False),
-    "asl_gamma_pos": Key((float,), 0.0, minimum=0.0, doc="ASL focusing exponent of the positives", in_id_at_default=False),
-    "asl_clip": Key((float,), 0.05, minimum=0.0, maximum=1.0, doc="ASL probability margin of the negatives", in_id_at_default=False),
+    "asl_gamma_neg": Key((float,), 4.0, minimum=0.0, doc="ASL focusing exponent of the negatives", in_id_at_default=False, applies_when=("loss", "asl")),
+    "asl_gamma_pos": Key((float,), 0.0, minimum=0.0, doc="ASL focusing exponent of the positives", in_id_at_default=False, applies_when=("loss", "asl")),
+    "asl_clip": Key((float,), 0.05, minimum=0.0, maximum=1.0, doc="ASL probability margin of the negatives", in_id_at_default=False, applies_when=("loss", "asl")),
     "augment": Key((str,), "flip", ("none", "flip", "flip_crop")),
     "crop_scale_min": Key((float,), 0.7, minimum=0.05, maximum=1.0, doc="random-resized-crop area range [min, 1]"),
     "grad_clip": Key((float,), 0.0, minimum=0.0, doc="max gradient norm; 0 = no clipping"),
@@ -92,7 +99,7 @@ KEYS: dict[str, Key] = {
         "best_test: the epoch with the best TEST mAP, as the papers' releases did (optimistic)",
     ),
     "val_fraction": Key(
-        (float,), 0.1, minimum=0.0, maximum=1.0, exclusive=True, in_id_at_default=False,
+        (float,), 0.1, minimum=0.0, maximum=1.0, exclusive=True, in_id_at_default=False, applies_when=("select", "best_val"),
         doc="select = best_val: the fraction of the training split held out for validation (the same images for "
         "every head and seed of a dataset; removed from training)",
     ),

@@ -103,6 +103,16 @@ class Report:
         return list(shown.items())
 
 
+def _shown_keys(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe less the keys that have no effect in it (e.g. ``asl_*`` when the loss is not ASL,
+    ``val_fraction`` unless ``select = "best_val"``: ``Key.applies_when``)."""
+    try:
+        from bench.config.recipe import KEYS
+    except Exception:  # noqa: BLE001 - show everything rather than nothing
+        return recipe
+    return {k: v for k, v in recipe.items() if k not in KEYS or KEYS[k].in_effect(recipe)}
+
+
 def _recipe_text(recipe: Any, preset: Any) -> str:
     recipe = _canonical(recipe)
     if not isinstance(recipe, dict):
@@ -119,7 +129,7 @@ def _recipe_text(recipe: Any, preset: Any) -> str:
             overrides = "; overrides: " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items())) if changed else "; no overrides"
         except Exception:  # presets file moved or invalid: the full recipe below still says it all
             overrides = ""
-    full = ", ".join(f"{k}={v}" for k, v in sorted(recipe.items()))
+    full = ", ".join(f"{k}={v}" for k, v in sorted(_shown_keys(recipe).items()))
     return (f"preset `{name}`{overrides}" if name else "no preset") + f". Full recipe: {full}"
 
 
