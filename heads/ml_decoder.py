@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.api import Head, HeadContext, hparam_specs, register_head
+from bench.api import Head, HeadContext, MultiheadAttention, hparam_specs, register_head
 
 DEFAULT_MAX_GROUPS = 100  # the release's embed_len_decoder when num_of_groups < 0
 
@@ -65,38 +65,6 @@ def num_queries(num_groups: int, num_classes: int) -> int:
     """K: ``num_groups`` (-1 = min(100, C)), reduced to C when larger (as released)."""
     k = DEFAULT_MAX_GROUPS if num_groups == -1 else num_groups
     return min(k, num_classes)
-
-
-class MultiheadCrossAttention(nn.Module):
-    """Multi-head attention with ``nn.MultiheadAttention``'s parameter names and initialisation.
-
-    query [B, L, E], key [B, S, E], value [B, S, E] -> [B, L, E]. Dropout (train mode) acts on the
-    attention weights, as in ``nn.MultiheadAttention``.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.embed_dim = embed_dim
-        self.num_heads = num_heads
-        self.dropout = dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * embed_dim))
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        e, nh = self.embed_dim, self.num_heads
-        w_q, w_k, w_v = self.in_proj_weight.split(e)
-        b_q, b_k, b_v = self.in_proj_bias.split(e)
-        b, l, s = query.shape[0], query.shape[1], key.shape[1]
-        q = F.linear(query, w_q, b_q).view(b, l, nh, e // nh).transpose(1, 2)  # [B, H, L, E/H]
-        k = F.linear(key, w_k, b_k).view(b, s, nh, e // nh).transpose(1, 2)  # [B, H, S, E/H]
-        v = F.linear(value, w_v, b_v).view(b, s, nh, e // nh).transpose(1, 2)  # [B, H, S, E/H]
-        attn = torch.softmax((q * (e // nh) ** -0.5) @ k.transpose(-2, -1), dim=-1)  # [B, H, L, S]
-        attn = F.dropout(attn, self.dropout, self.training)
-        out = (attn @ v).transpose(1, 2).reshape(b, l, e)
-        return self.out_proj(out)
 
 
 class DecoderLayer(nn.Module):
@@ -110,7 +78,7 @@ class DecoderLayer(nn.Module):
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-        self.multihead_attn = MultiheadCrossAttention(embed_dim, num_heads, dropout)
+        self.multihead_attn = MultiheadAttention(embed_dim, num_heads, dropout)
         self.linear1 = nn.Linear(embed_dim, ff_dim)
         self.linear2 = nn.Linear(ff_dim, embed_dim)
         self.norm2 = nn.LayerNorm(embed_dim)

@@ -13,7 +13,7 @@ A head::
 The contract and the metadata a head declares: :mod:`bench.api.head`. A dataset subclasses
 :class:`MultiLabelDataset` (or :class:`ImageFileDataset` for images stored as files):
 :mod:`bench.api.dataset`. Registries, builders and lists for heads, datasets, backbones and
-losses: :mod:`bench.api.registry`.
+losses: :mod:`bench.api.registry`. Layers that several heads share: :mod:`bench.api.layers`.
 """
 
 from bench.api.context import HeadContext
@@ -32,6 +32,7 @@ from bench.api.image_files import (
     scan_files,
     stat_key,
 )
+from bench.api.layers import MultiheadAttention
 from bench.api.registry import (
     build_backbone,
     build_dataset,
@@ -57,7 +58,7 @@ from bench.core.errors import DataError, UnreadableImage, UsageError, choices
 from bench.core.paths import cache_dir
 
 __all__ = [
-    "DIFFICULT_POLICIES", "DataError", "HParam", "Head", "HeadContext", "Heatmap", "ImageFileDataset",
+    "DIFFICULT_POLICIES", "DataError", "HParam", "Head", "HeadContext", "Heatmap", "MultiheadAttention", "ImageFileDataset",
     "MultiLabelDataset", "UnreadableImage", "UsageError", "apply_difficult_policy", "as_uint8_rgb", "atomic_write",
     "atomic_write_bytes", "build_backbone", "build_dataset", "build_head", "build_loss", "cache_dir", "choices",
     "cooccurrence", "dataset_class", "dataset_options", "files_digest", "head_class", "head_hparams", "hparam_specs",
