@@ -187,3 +187,19 @@ def test_identical_head_is_delta_zero_p_one_and_ties_for_first(tmp_path: Path) -
     assert len(vs_best) == 4 and (vs_best["family_size"] == 4).all()
     weak = vs_best[vs_best["head"].isin(["csra_free"]) | (vs_best["hparams"] == json.dumps({"lam": 0.1, "num_heads": 1}))]
     assert weak["significant"].all() and (weak["delta_mAP"] < 0).all()
+
+
+def test_default_resamples_are_enough_for_the_largest_holm_family(tmp_path: Path) -> None:
+    write_run(tmp_path, "baseline", {"pool": "avg"}, 0, noisy_scores("shapes", "reference"))
+    for i in range(30):  # 30 clearly better configurations: a family of m = 30
+        write_run(tmp_path, "csra", {"num_heads": 1, "lam": round(0.01 * (i + 1), 2)}, 0, noisy_scores("shapes", ("good", i), quality=2.0))
+    # with R = 1000 no Holm-adjusted p-value can be below 2 * 30 / 1001 = 0.0599: nothing can be `*`
+    frame, text = report_of(tmp_path, 1000)
+    assert "no Holm-adjusted p-value can be below 0.060" in text
+    assert not frame["significant"].any()
+    # the default picks R >= 80 m = 2400, rounded up to 3000: floor 2 * 30 / 3001 = 0.02
+    report = build(results.load_all(tmp_path), [tmp_path], plots=False)
+    assert report.resamples == 3000
+    vs_ref = report.comparisons[report.comparisons["comparison"] == "vs_reference"]
+    assert len(vs_ref) == 30 and vs_ref["significant"].all()
+    assert "no Holm-adjusted p-value can be below" not in render_markdown(report)

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from bench.eval import bootstrap as stats
+from bench.eval import significance
 import bench.report.plots as plotting
 from bench.report.comparisons import (
     AcrossSections,
@@ -182,6 +183,21 @@ def _filter(rows: pd.DataFrame, column: str, wanted: Sequence[str] | None) -> pd
     return rows[rows[column].astype(str).isin(list(wanted))]
 
 
+def auto_resamples(summary: pd.DataFrame, alpha: float = significance.ALPHA) -> int:
+    """Bootstrap resamples enough for every section's Holm family to reach ``alpha``.
+
+    With R resamples no p-value is below 2/(R + 1), so a family of m comparisons cannot have a
+    Holm-adjusted p-value below 2m/(R + 1). The families are a section's configurations other than
+    the reference (or other than the best, for the ties): m = configurations - 1. Returns at
+    least :data:`bench.eval.bootstrap.DEFAULT_RESAMPLES`, else the multiple of 1,000 at which the
+    largest family's floor is at most alpha / 2 (:func:`bench.eval.significance.resamples_needed`).
+    """
+    if summary.empty:
+        return stats.DEFAULT_RESAMPLES
+    largest = int(summary.groupby(list(SECTION_KEYS), sort=False).size().max()) - 1
+    return max(stats.DEFAULT_RESAMPLES, significance.resamples_needed(largest, alpha))
+
+
 def build(
     rows: pd.DataFrame,
     results_dirs: Sequence[str | Path] = (),
@@ -189,7 +205,7 @@ def build(
     datasets: Sequence[str] | None = None,
     backbones: Sequence[str] | None = None,
     heads: Sequence[str] | None = None,
-    n_resamples: int = stats.DEFAULT_RESAMPLES,
+    n_resamples: int | None = None,
     seed: int = stats.DEFAULT_SEED,
     plots: bool = True,
 ) -> Report:
@@ -201,7 +217,8 @@ def build(
         datasets, backbones, heads: show only these. Sections are the chosen datasets x backbones;
             ``heads`` hides rows but not family members: every configuration of a section takes
             part in its Holm family, ranks and ties, so a filter never changes a row's ``*``.
-        n_resamples, seed: of the paired bootstrap.
+        n_resamples, seed: of the paired bootstrap; ``n_resamples=None`` picks
+            :func:`auto_resamples` for the largest Holm family among the sections.
     """
     all_rows = rows
     in_sections = _filter(_filter(rows, "dataset", datasets), "backbone", backbones)
@@ -210,8 +227,10 @@ def build(
     store = ScoreStore(list(results_dirs), all_rows) if results_dirs and not all_rows.empty else None
     cache = Path(out_dir) / ".cache" / "bootstrap" if out_dir is not None else None
     others = [Path(d) / ".cache" / "bootstrap" for d in results_dirs]  # caches of merged results directories
-    comparisons = Comparisons(store, CachedBootstrapper(n_resamples, seed, store, cache, others))
     family = summarize(in_sections)
+    if n_resamples is None:
+        n_resamples = auto_resamples(family)
+    comparisons = Comparisons(store, CachedBootstrapper(n_resamples, seed, store, cache, others))
     sections: list[Section] = []
     records: list[dict[str, Any]] = []
     blocks: list[tuple[str, pd.DataFrame]] = []

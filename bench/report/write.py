@@ -73,7 +73,7 @@ def build_report(
     datasets: Sequence[str] | None = None,
     backbones: Sequence[str] | None = None,
     heads: Sequence[str] | None = None,
-    n_resamples: int = stats.DEFAULT_RESAMPLES,
+    n_resamples: int | None = None,
     seed: int = stats.DEFAULT_SEED,
     console: Console | None = None,
 ) -> dict[str, Path]:
