@@ -6,7 +6,11 @@ STAMP := $(VENV)/.installed
 NPROC ?= 1
 GRID ?= smoke
 RESULTS ?= results
-ACCELERATE := $(BIN)/accelerate launch --num_machines 1 --mixed_precision no --dynamo_backend no
+# accelerate's launcher sets OMP_NUM_THREADS=1 for every process unless told otherwise, which halves
+# a 2-core CPU run: give each process its share of the cores (at least one).
+CORES := $(shell nproc 2>/dev/null || echo 1)
+THREADS ?= $(shell n=$$(( $(CORES) / $(NPROC) )); [ $$n -ge 1 ] && echo $$n || echo 1)
+ACCELERATE := $(BIN)/accelerate launch --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(THREADS)
 
 .PHONY: venv bench bench-pretrained test browser clean-results
 
