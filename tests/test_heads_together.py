@@ -125,8 +125,9 @@ def run_in_process(grid_file: Path, out: Path, together: bool, monkeypatch: pyte
     from bench.engine.interrupt import StopRequest
     from bench.engine.progress import Progress
 
-    monkeypatch.setattr(runner, "head_cost", cheap_head_cost)
-    monkeypatch.setattr(G, "head_cost", cheap_head_cost)
+    from bench.engine import rows
+
+    monkeypatch.setattr(rows, "head_cost", cheap_head_cost)  # both paths measure the cost there
     grid = load_grid(str(grid_file))
     grid.run["heads_together"] = together
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
@@ -245,8 +246,9 @@ def test_a_head_that_fails_leaves_its_group_and_the_others_finish_as_alone(
         from bench.engine.interrupt import StopRequest
         from bench.engine.progress import Progress
 
-        monkeypatch.setattr(runner, "head_cost", cheap_head_cost)
-        monkeypatch.setattr(G, "head_cost", cheap_head_cost)
+        from bench.engine import rows
+
+        monkeypatch.setattr(rows, "head_cost", cheap_head_cost)
         g = load_grid(str(light))
         g.run["heads_together"] = together
         out = tmp_path / ("together" if together else "alone")

@@ -62,7 +62,6 @@ import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -81,9 +80,9 @@ from bench.engine.checkpoints import DamagedCheckpointWarning, EpochCheckpoints
 from bench.engine.interrupt import Interrupted
 from bench.engine.loop import NonFiniteLoss, PeerFailure, Predictions, make_loss
 from bench.engine.optim import lr_factor, make_optimizer
+from bench.engine.rows import base_row, finished_row, now, write_outputs
 from bench.engine.selection import EpochSelector
-from bench.eval.head_cost import PeakMemory, head_cost
-from bench.eval.metrics import evaluated_classes, multilabel_metrics
+from bench.eval.head_cost import PeakMemory
 from bench.models.backbones import build_backbone
 from bench.models.classifier import Classifier, HeadOnly
 from bench.results import store as results
@@ -814,10 +813,6 @@ def _broadcast(accelerator: Accelerator, value: Any) -> Any:
     return box[0]
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 class HeadsTogether:
     """``run_grid``'s hook for ``[run] heads_together = true``.
 
@@ -908,7 +903,7 @@ class HeadsTogether:
     def _train_together(self, together: list[tuple[Cell, Any]], locks: dict[str, RunLock], summary: Any, written: set[str]) -> None:
         ctx, acc = self.ctx, self.ctx.accelerator
         setup_start = time.perf_counter()
-        started = _now()
+        started = now()
         memory = PeakMemory(acc.device)
         memory.reset()
         first = together[0][0]
@@ -1024,49 +1019,25 @@ class HeadsTogether:
         assert preds is not None and record.selection is not None
         size = len(trainer.members)
         model = trunk.model
-        row = self.steps.base_row(cell, self.grid.name, acc)
-        row.update(
-            status="finished",
-            started_at=shared.started,
-            source_run_id=None,
-            num_classes=len(data.classes),
-            classes=data.classes,
-            train_images=len(data.train.targets),
-            test_images=len(data.test.targets),
-            skipped_images=len(data.train.skipped) + len(data.test.skipped),
-            final_train_loss=record.losses[-1] if record.losses else float("nan"),
-            train_images_per_s=record.images / record.seconds if record.seconds else float("nan"),
-            eval_images_per_s=len(preds.scores) / preds.seconds if preds.seconds else float("nan"),
+        row = finished_row(
+            cell, self.grid.name, acc, started=shared.started, data=data, record=record, preds=preds, model=model,
+            feature_shape=trunk.inputs.feature_shape,
             total_params=sum(p.numel() for p in model.backbone.parameters()) + sum(p.numel() for p in m.head.parameters()),
-            backbone_flops=ctx.store.backbone_flops(cell, model),
-            weights_origin=model.backbone.origin,
-            input_mean=model.mean.flatten().tolist(),
-            input_std=model.std.flatten().tolist(),
-            feature_shape=list(trunk.inputs.feature_shape),
+            backbone_flops=ctx.store.backbone_flops(cell, model), source_run_id=None,
             trained_with={"id": group_run_id([x.cell for x in trainer.members]), "size": size, "wall_s": pass_wall},
-            **record.selection.row(),
         )
-        if acc.is_main_process:
-            cost = head_cost(m.head, trunk.inputs.feature_shape, acc.device)
-            row.update(head_params=cost.params, head_flops=cost.flops, head_latency_b1_ms=cost.latency_b1_ms, head_latency_b64_ms=cost.latency_b64_ms)
-            row["classes_evaluated"] = int(evaluated_classes(preds.targets, preds.ignore).sum())
-            row.update(multilabel_metrics(preds.scores, preds.targets, preds.ignore))
-            results.save_scores(ctx.results_dir, cell.run_id, data.test.image_ids, preds.scores, preds.targets, preds.ignore, data.classes)
-            save = ctx.grid.run.get("save_weights", "all")
-            if save != "none":
-                state = m.view.state_dict()
-                if save == "head":
-                    state = {k: v for k, v in state.items() if k.startswith("head.")}
-                results.save_weights(ctx.results_dir, cell.run_id, state)
-        row.update(peak_memory_mib=shared.memory.peak_mib(), peak_memory_kind=shared.memory.kind)
+        write_outputs(
+            row, ctx, cell, data=data, preds=preds, head=m.head, feature_shape=trunk.inputs.feature_shape,
+            state_dict=m.view.state_dict, memory=shared.memory,
+        )
         row["wall_s"] = pass_wall / size
-        row["finished_at"] = _now()
+        row["finished_at"] = now()
         return row
 
     def _failed(self, cell: Cell, failure: HeadFailure) -> dict[str, Any]:
         """The row of a head that failed inside a pass (as ``runner._failed_row`` writes one)."""
-        row = self.steps.base_row(cell, self.grid.name, self.ctx.accelerator)
-        row.update(status="failed", error_type=failure.error_type, error=failure.error, traceback=failure.traceback, finished_at=_now())
+        row = base_row(cell, self.grid.name, self.ctx.accelerator)
+        row.update(status="failed", error_type=failure.error_type, error=failure.error, traceback=failure.traceback, finished_at=now())
         return row
 
     def _write(self, rows: list[tuple[Cell, dict[str, Any]]], summary: Any, written: set[str]) -> None:

@@ -13,14 +13,11 @@ import contextlib
 import functools
 import gc
 import json
-import socket
-import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 
 from bench.api.context import HeadContext
-from bench.api.registry import PROJECT_ROOT, build_head
+from bench.api.registry import build_head
 from bench.config.grid import Cell, Grid
 from bench.core.errors import DataError, UsageError
 from bench.data import image_cache
@@ -44,26 +41,14 @@ from bench.engine.interrupt import Interrupted, StopRequest
 from bench.engine.loop import make_loss, predict, train_epoch
 from bench.engine.optim import lr_factor, make_optimizer
 from bench.engine.progress import Progress, Task
+from bench.engine.rows import base_row, finished_row, now, write_outputs
 from bench.engine.selection import EpochSelector, SelectionResult, validation_count
-from bench.eval.head_cost import PeakMemory, head_cost
-from bench.eval.metrics import evaluated_classes, multilabel_metrics
+from bench.eval.head_cost import PeakMemory
+from bench.eval.metrics import multilabel_metrics
 from bench.models.backbones import build_backbone
 from bench.models.classifier import Classifier, HeadOnly
 from bench.results import store as results
 from bench.results.locks import RunLock
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    """The project's commit (``-dirty`` when the tree has changes), or ``unknown``."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
-        if commit.returncode != 0:
-            return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10)
-        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def _broadcast(accelerator: Accelerator, value: Any) -> Any:
@@ -102,44 +87,6 @@ def preflight(grid: Grid, store: DataStore) -> None:
 def _eval_batch_size(recipe: dict[str, Any], processes: int) -> int:
     """The recipe's evaluation batch size rounded down to a multiple of the process count."""
     return max(processes, recipe.eval_batch_size - recipe.eval_batch_size % processes)
-
-
-def base_row(cell: Cell, grid_name: str, accelerator: Accelerator) -> dict[str, Any]:
-    """The configuration part of a row (shared by finished and failed runs)."""
-    return {
-        "run_id": cell.run_id,
-        "group_id": cell.group_id,
-        "grid": grid_name,
-        "dataset": cell.dataset,
-        "train_split": cell.train_split,
-        "test_split": cell.test_split,
-        "dataset_options": cell.dataset_options,
-        "data_root": cell.root,
-        "backbone": cell.backbone,
-        "weights": cell.weights,
-        "head": cell.head,
-        "hparams": cell.hparams,
-        "seed": cell.seed,
-        "protocol": cell.recipe.protocol,
-        "epochs": cell.recipe.epochs,
-        "image_size": cell.recipe.image_size,
-        "batch_size": cell.recipe.batch_size,
-        "recipe": cell.recipe.to_dict(),
-        "recipe_preset": cell.recipe_preset,
-        "config": cell.config(),
-        "world_size": accelerator.num_processes,
-        "device": _device_name(accelerator.device),
-        "mixed_precision": cell.recipe.mixed_precision,
-        "select": cell.recipe.select,
-        "host": socket.gethostname(),
-        "git_commit": git_commit(),
-    }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return device.type
 
 
 @dataclass
@@ -338,7 +285,7 @@ def _train(module: nn.Module, inputs: Inputs, cell: Cell, ctx: RunContext, lock:
 
 def run_cell(cell: Cell, ctx: RunContext, lock: RunLock | None = None) -> dict[str, Any]:
     """Train (unless the head is derived) and evaluate one cell; return its row (written by the caller)."""
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = now()
     wall_start = time.perf_counter()
     accelerator, recipe = ctx.accelerator, cell.recipe
     memory = PeakMemory(accelerator.device)
@@ -362,43 +309,18 @@ def run_cell(cell: Cell, ctx: RunContext, lock: RunLock | None = None) -> dict[s
         preds = predict(module, test_loader, accelerator, inputs.prepare_eval, on_step=task.advance)
     task.done()
 
-    row = base_row(cell, ctx.grid.name, accelerator)
     unwrapped = accelerator.unwrap_model(module)
-    row.update(
-        status="finished",
-        started_at=started,
-        source_run_id=cell.source_run_id,
-        num_classes=len(data.classes),
-        classes=data.classes,
-        train_images=len(data.train.targets),
-        test_images=len(data.test.targets),
-        skipped_images=len(data.train.skipped) + len(data.test.skipped),
-        final_train_loss=record.losses[-1] if record.losses else float("nan"),
-        train_images_per_s=record.images / record.seconds if record.seconds else float("nan"),
-        eval_images_per_s=len(preds.scores) / preds.seconds if preds.seconds else float("nan"),
-        total_params=sum(p.numel() for p in model.parameters()),
-        backbone_flops=ctx.store.backbone_flops(cell, model),
-        weights_origin=model.backbone.origin,
-        input_mean=model.mean.flatten().tolist(),
-        input_std=model.std.flatten().tolist(),
-        feature_shape=list(inputs.feature_shape),
-        **record.selection.row(),
+    row = finished_row(
+        cell, ctx.grid.name, accelerator, started=started, data=data, record=record, preds=preds, model=model,
+        feature_shape=inputs.feature_shape, total_params=sum(p.numel() for p in model.parameters()),
+        backbone_flops=ctx.store.backbone_flops(cell, model), source_run_id=cell.source_run_id,
     )
-    if accelerator.is_main_process:
-        cost = head_cost(unwrapped.head, inputs.feature_shape, accelerator.device)
-        row.update(head_params=cost.params, head_flops=cost.flops, head_latency_b1_ms=cost.latency_b1_ms, head_latency_b64_ms=cost.latency_b64_ms)
-        row["classes_evaluated"] = int(evaluated_classes(preds.targets, preds.ignore).sum())
-        row.update(multilabel_metrics(preds.scores, preds.targets, preds.ignore))
-        results.save_scores(ctx.results_dir, cell.run_id, data.test.image_ids, preds.scores, preds.targets, preds.ignore, data.classes)
-        save = ctx.grid.run.get("save_weights", "all")
-        if save != "none":
-            state = unwrapped.state_dict()
-            if save == "head":
-                state = {k: v for k, v in state.items() if k.startswith("head.")}
-            results.save_weights(ctx.results_dir, cell.run_id, state)
-    row.update(peak_memory_mib=memory.peak_mib(), peak_memory_kind=memory.kind)
+    write_outputs(
+        row, ctx, cell, data=data, preds=preds, head=unwrapped.head, feature_shape=inputs.feature_shape,
+        state_dict=unwrapped.state_dict, memory=memory,
+    )
     row["wall_s"] = time.perf_counter() - wall_start
-    row["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    row["finished_at"] = now()
     return row
 
 
@@ -483,7 +405,7 @@ def _failed_row(cell: Cell, grid: Grid, accelerator: Accelerator, exc: BaseExcep
         error_type=type(exc).__name__,
         error=str(exc)[:2000],
         traceback=traceback.format_exc()[-4000:],
-        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        finished_at=now(),
     )
     return row
 

@@ -18,7 +18,7 @@ JSON = pa.string()
 METRIC_COLUMNS = ("mAP", "CP", "CR", "CF1", "mF1", "OP", "OR", "OF1", "CP_top3", "CR_top3", "CF1_top3", "mF1_top3", "OP_top3", "OR_top3", "OF1_top3")
 
 COLUMNS: dict[str, pa.DataType] = {
-    # identity and configuration (bench.engine.runner.base_row)
+    # identity and configuration (bench.engine.rows.base_row)
     "run_id": _STR, "group_id": _STR, "grid": _STR,
     "dataset": _STR, "train_split": _STR, "test_split": _STR, "dataset_options": JSON, "data_root": _STR,
     "backbone": _STR, "weights": _STR, "head": _STR, "hparams": JSON, "seed": _INT,
