@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from bench.config.recipe import KEYS, load_presets
 from bench.eval import bootstrap as stats
 from bench.eval import significance
 import bench.report.plots as plotting
@@ -107,10 +108,6 @@ class Report:
 def _shown_keys(recipe: dict[str, Any]) -> dict[str, Any]:
     """The recipe less the keys that have no effect in it (e.g. ``asl_*`` when the loss is not ASL,
     ``val_fraction`` unless ``select = "best_val"``: ``Key.applies_when``)."""
-    try:
-        from bench.config.recipe import KEYS
-    except Exception:  # noqa: BLE001 - show everything rather than nothing
-        return recipe
     return {k: v for k, v in recipe.items() if k not in KEYS or KEYS[k].in_effect(recipe)}
 
 
@@ -122,8 +119,6 @@ def _recipe_text(recipe: Any, preset: Any) -> str:
     name = None if _missing(preset) else str(preset)
     if name:
         try:
-            from bench.config.recipe import KEYS, load_presets
-
             base = {k: spec.default for k, spec in KEYS.items()}
             base.update({k: v for k, v in load_presets().get(name, {}).items() if k != "description"})
             changed = {k: v for k, v in recipe.items() if base.get(k) != v}
