@@ -14,6 +14,7 @@ The contract and the metadata a head declares: :mod:`bench.api.head`. A dataset 
 :class:`MultiLabelDataset` (or :class:`ImageFileDataset` for images stored as files):
 :mod:`bench.api.dataset`. Registries, builders and lists for heads, datasets, backbones and
 losses: :mod:`bench.api.registry`. Layers that several heads share: :mod:`bench.api.layers`.
+Label states for heads that read labels (``reads_label_states``): :mod:`bench.api.label_states`.
 """
 
 from bench.api.context import HeadContext
@@ -32,6 +33,7 @@ from bench.api.image_files import (
     scan_files,
     stat_key,
 )
+from bench.api.label_states import draw_label_states, label_state_indices, max_known
 from bench.api.layers import MultiheadAttention
 from bench.api.registry import (
     build_backbone,
@@ -65,4 +67,5 @@ __all__ = [
     "index_images", "line_of", "list_backbones", "list_datasets", "list_heads", "list_losses", "missing_images",
     "open_rgb", "reference_head", "register_backbone", "register_backbone_family", "register_dataset",
     "register_head", "register_loss", "safe_relpath", "scan_files", "stat_key", "write_sample_images", "listed_images_digest",
+    "draw_label_states", "label_state_indices", "max_known",
 ]

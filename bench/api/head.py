@@ -28,7 +28,13 @@ The harness reads ONLY these, never a head's name:
   compared with (the average-pooling baseline: ``{"pool": "avg"}``); None for every other head;
 - ``heatmap``: a :class:`Heatmap` over two hyper-parameters (drawn when a section has the data);
 - ``derived_from``: ``(head, hparams)`` of the trained run this head reuses without training
-  (it then has an ``adopt(trained_head)`` method), e.g. CSRA without training.
+  (it then has an ``adopt(trained_head)`` method), e.g. CSRA without training;
+- ``reads_label_states``: True for a head whose forward is ``forward(x, label_state=None)`` and
+  reads some of the image's labels (C-Tran's label mask training). ``label_state`` is an int
+  tensor [B, C]: -1 unknown, 0 known negative, 1 known positive (:mod:`bench.api.label_states`).
+  In training the harness passes the draw of ``bench.api.draw_label_states(targets, generator)``
+  from the run's own random stream; in evaluation it passes nothing (None: every label unknown).
+  Every other head (False, the default) is called as ``forward(x)`` and never sees a label.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ class Head(nn.Module):
     reference: ClassVar[dict[str, Any] | None] = None
     heatmap: ClassVar[Heatmap | None] = None
     derived_from: ClassVar[tuple[str, dict[str, Any]] | None] = None
+    reads_label_states: ClassVar[bool] = False
 
     def __init__(self, in_channels: int = 0, num_classes: int = 0, context: Any = None) -> None:
         super().__init__()
@@ -158,7 +165,7 @@ def check_head_class(name: str, cls: Any) -> None:
             raise UsageError(f"{label}: the default of {p.name!r} does not match its annotation: {exc}") from None
     check_metadata(name, cls)
     # a plain nn.Module head gets the neutral metadata of Head, so every reader finds all of it
-    for attr in ("sweep", "reference", "heatmap", "derived_from"):
+    for attr in ("sweep", "reference", "heatmap", "derived_from", "reads_label_states"):
         if not hasattr(cls, attr):
             setattr(cls, attr, getattr(Head, attr))
     if not hasattr(cls, "describe_hparams"):
@@ -202,6 +209,13 @@ def check_metadata(name: str, cls: type) -> None:
             raise UsageError(f"{label}: 'derived_from' must be (head name, hyper-parameters)")
         if not callable(getattr(cls, "adopt", None)):
             raise UsageError(f"{label}: a head with 'derived_from' needs an adopt(trained_head) method")
+    reads = getattr(cls, "reads_label_states", False)
+    if not isinstance(reads, bool):
+        raise UsageError(f"{label}: 'reads_label_states' must be True or False, got {reads!r}")
+    if reads:
+        forward = inspect.signature(cls.forward).parameters.get("label_state")
+        if forward is None or forward.default is not None:
+            raise UsageError(f"{label}: a head with 'reads_label_states = True' must take forward(x, label_state=None)")
     describe = getattr(cls, "describe_hparams", None)
     if describe is not None and not callable(describe):
         raise UsageError(f"{label}: 'describe_hparams' must be a static or class method taking the hyper-parameters")
