@@ -4,8 +4,9 @@ Transformers", CVPR 2021; QData/C-Tran ``models/CTran.py`` and ``models/transfor
 ``use_lmt=True``, ``pos_emb=False``, its defaults, without the backbone).
 
 Shapes: x [B, d, h, w] (any h, w >= 1), N = h*w positions, C classes; the token width is d itself
-(no projection, as released); H = ``num_heads``, L = ``num_layers``. ``label_state`` [B, C]: -1
-unknown, 0 known negative, 1 known positive; None = all unknown (:mod:`bench.api.label_states`).
+(no projection, as released; ``hidden_dim`` below is an opt-in exception); H = ``num_heads``, L =
+``num_layers``. ``label_state`` [B, C]: -1 unknown, 0 known negative, 1 known positive; None = all
+unknown (:mod:`bench.api.label_states`).
 
     t      = x flattened, one token per position                                 [B, N, d]
     u_c    = l_c + s[state_c + 1]          l = label_lt [C, d]; s = known_label_lt [3, d]:
@@ -40,9 +41,14 @@ attention's ``in_proj_weight`` Xavier-uniform with zero ``in_proj_bias`` (``nn.M
 own, which ``weights_init`` does not touch).
 
 d must be divisible by ``num_heads`` (the release: 2048 / 4): any other width is a ``ValueError``
-at construction (a usage error before training), not a projection, which would change the
-release's function and its state dict. Cost: about 6 d² + 2 (N + C) d multiply-adds per token and
-layer: 75.6 M parameters and 40.2 GFLOPs per image at d = 2048, 14 x 14, C = 80, 3 layers
+at construction (a usage error before training, naming both remedies), never a silent projection.
+``hidden_dim`` (default None: the release) is NOT in the release: an int D first maps the map to D
+channels with a 1x1 convolution ``input_proj`` (d -> D, with bias; PyTorch's default
+initialisation), after which every equation above holds with d = D (the state dict gains
+``input_proj.{weight [D, d, 1, 1], bias [D]}``). It makes the head affordable on wide CPU maps (the
+release's width on EfficientNet-Lite0's 1280 channels costs 1.8 GFLOPs per image) and accepts any d;
+D must be divisible by ``num_heads``. Cost: about 6 d² + 2 (N + C) d multiply-adds per token and
+layer: 75.9 M parameters and 43.5 GFLOPs per image at d = 2048, 14 x 14, C = 80, 3 layers
 (docs/heads.md).
 """
 
@@ -119,29 +125,37 @@ class CTranHead(Head):
         num_heads: int = 4,
         num_layers: int = 3,
         dropout: float = 0.1,
+        hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("num_heads", num_heads), ("num_layers", num_layers)):
+        for name, value in (("num_heads", num_heads), ("num_layers", num_layers), ("hidden_dim", 1 if hidden_dim is None else hidden_dim)):
             if value < 1:
                 raise ValueError(f"{name} = {value!r} is not allowed; expected an int >= 1")
-        if in_channels % num_heads:
+        if hidden_dim is None and in_channels % num_heads:
             raise ValueError(
                 f"C-Tran's token width is the backbone's channel count ({in_channels}), which must be divisible by "
-                f"num_heads = {num_heads}; choose num_heads among the divisors of {in_channels} (e.g. 1)"
+                f"num_heads = {num_heads}; choose num_heads among the divisors of {in_channels} (e.g. 1), or project "
+                f"the map to hidden_dim channels (not in the release)"
             )
+        if hidden_dim is not None and hidden_dim % num_heads:
+            raise ValueError(f"hidden_dim = {hidden_dim} must be divisible by num_heads = {num_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout = {dropout!r} is not allowed; expected 0 <= dropout < 1")
         self.num_classes = num_classes
-        self.label_lt = nn.Embedding(num_classes, in_channels)
-        self.known_label_lt = nn.Embedding(NUM_STATES, in_channels, padding_idx=0)
-        self.self_attn_layers = nn.ModuleList([SelfAttnLayer(in_channels, num_heads, dropout) for _ in range(num_layers)])
-        self.output_linear = nn.Linear(in_channels, num_classes)
-        self.LayerNorm = nn.LayerNorm(in_channels)
+        self.input_proj = nn.Conv2d(in_channels, hidden_dim, 1) if hidden_dim is not None else None
+        width = in_channels if hidden_dim is None else hidden_dim  # the token width
+        self.label_lt = nn.Embedding(num_classes, width)
+        self.known_label_lt = nn.Embedding(NUM_STATES, width, padding_idx=0)
+        self.self_attn_layers = nn.ModuleList([SelfAttnLayer(width, num_heads, dropout) for _ in range(num_layers)])
+        self.output_linear = nn.Linear(width, num_classes)
+        self.LayerNorm = nn.LayerNorm(width)
         for part in (self.label_lt, self.known_label_lt, self.LayerNorm, self.self_attn_layers, self.output_linear):
             part.apply(release_init)
 
     def forward(self, x: torch.Tensor, label_state: torch.Tensor | None = None) -> torch.Tensor:
         b, c = x.shape[0], self.num_classes
+        if self.input_proj is not None:
+            x = self.input_proj(x)  # [B, D, h, w] (hidden_dim; not in the release)
         tokens = x.flatten(2).transpose(1, 2)  # [B, N, d]
         states = self.known_label_lt(label_state_indices(label_state, b, c, x.device))  # [B, C, d]
         labels = (self.label_lt.weight.unsqueeze(0) + states).to(tokens.dtype)  # [B, C, d]
@@ -156,4 +170,6 @@ class CTranHead(Head):
         defaults = {n: spec.default for n, spec in hparam_specs(cls).items()}
         value = {**defaults, **hparams}
         text = f"L={value['num_layers']}, H={value['num_heads']}"
+        if value["hidden_dim"] is not None:
+            text += f", D={value['hidden_dim']} (projected)"
         return text if value["dropout"] == defaults["dropout"] else f"{text}, dropout={value['dropout']}"

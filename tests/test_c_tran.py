@@ -179,6 +179,30 @@ def test_released_checkpoint_loads_strictly_once_backbone_and_module_are_dropped
     np.testing.assert_allclose(got, c_tran_reference(x.numpy(), label_state.numpy(), numpy_state(loaded), 4), rtol=1e-10, atol=1e-10)
 
 
+def test_the_opt_in_projection_maps_d_to_hidden_dim_first() -> None:
+    """hidden_dim (not in the release): a 1x1 convolution d -> D, then the release's head at width D."""
+    d, width, c, layers = 10, 8, 3, 2
+    head = build(d, c, layers, 4, hidden_dim=width).eval()
+    state = release_state(width, c, layers, seed=31)
+    gen = torch.Generator().manual_seed(32)
+    state["input_proj.weight"] = torch.randn(width, d, 1, 1, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    state["input_proj.bias"] = 0.1 * torch.randn(width, generator=gen, dtype=torch.float64)
+    assert {k: tuple(v.shape) for k, v in head.state_dict().items()} == {k: tuple(v.shape) for k, v in state.items()}
+    head.load_state_dict(state, strict=True)
+    sd = numpy_state(state)
+    x = torch.randn(2, d, 3, 4, dtype=torch.float64)
+    projected = np.einsum("ed,bdhw->behw", sd["input_proj.weight"][:, :, 0, 0], x.numpy()) + sd["input_proj.bias"][None, :, None, None]
+    label_state = random_states(2, c, 33)
+    with torch.no_grad():
+        got = head(x, label_state).numpy()
+    np.testing.assert_allclose(got, c_tran_reference(projected, label_state.numpy(), sd, 4), rtol=1e-10, atol=1e-10)
+    registry.build_head("c_tran", 130, 3, hidden_dim=64)  # any d once projected
+    assert registry.head_class("c_tran").describe_hparams({"hidden_dim": 64}) == "L=3, H=4, D=64 (projected)"
+    for bad, text in (({"hidden_dim": 0}, "hidden_dim"), ({"hidden_dim": 30}, "divisible by num_heads")):
+        with pytest.raises(UsageError, match=text):
+            registry.build_head("c_tran", 8, 3, **bad)
+
+
 # ------------------------------------------------------------------------------------------------
 # Label states in the head
 
@@ -248,7 +272,7 @@ def test_bad_label_states_and_widths_are_clear_errors() -> None:
         head(x, torch.zeros(2, 4))
     with pytest.raises(UsageError, match="divisible by num_heads = 4") as info:
         registry.build_head("c_tran", 130, 3)  # d is the token width: 130 is not a multiple of 4
-    assert "heads/c_tran.py" in str(info.value)
+    assert "heads/c_tran.py" in str(info.value) and "hidden_dim" in str(info.value)
     registry.build_head("c_tran", 130, 3, num_heads=2)  # a divisor of 130 is fine
     for hparams, text in (({"num_layers": 0}, "num_layers"), ({"num_heads": 0}, "num_heads"), ({"dropout": 1.0}, "dropout")):
         with pytest.raises(UsageError, match=text):
