@@ -260,3 +260,22 @@ def test_folder_manifest_unknown_labels(tmp_path: Path) -> None:
     (root / "train.csv").write_text("path,labels\na.jpg,cat;?cat\n")
     with pytest.raises(UsageError, match="marked both positive and unknown"):
         registry.build_dataset("folder", root, "train")
+
+
+def test_the_image_cache_carries_the_source_mask_of_the_readable_images(tmp_path: Path) -> None:
+    from bench.api import write_sample_images
+    from bench.data.image_cache import CachedImages, load_or_build
+
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train.csv").write_text("path,labels\na.jpg,cat;?dog\nbad.jpg,dog\nc.jpg,dog;?\n")
+    write_sample_images(root, ["a.jpg", "c.jpg"])
+    (root / "bad.jpg").write_bytes(b"not a jpeg")  # unreadable: left out of the cache
+    dataset = registry.build_dataset("folder", root, "train")
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        split = load_or_build(dataset, 16, tmp_path / "cache")
+    assert split.known.tolist() == [[True, False], [False, True]]  # classes cat, dog; rows a, c
+    mask = observed_mask(split.targets, Observe("single_positive", 1.0, 0), split.known)
+    assert mask.tolist() == [[True, False], [False, True]]
+    items = CachedImages(split, known=mask)
+    assert [len(items[i]) for i in range(2)] == [4, 4] and len(CachedImages(split)[0]) == 3
