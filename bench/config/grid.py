@@ -135,7 +135,7 @@ class Cell:
     def describe(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         observe = split_observe(self.dataset_options)[1]
-        shown = "" if observe.mode == "all" else f" [observe {observe.mode}" + (f" {observe.fraction:g}" if observe.mode == "fraction" else "") + "]"
+        shown = "" if observe.mode == "all" else f" (observe {observe.mode}" + (f" {observe.fraction:g}" if observe.mode == "fraction" else "") + ")"
         return f"{self.dataset}{shown} / {self.backbone} / {self.head}({hp}) / seed {self.seed}"
 
 
