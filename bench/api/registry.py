@@ -240,7 +240,9 @@ def register_backbone_family(prefix: str, build: Callable[..., Any], is_known: C
 
 
 def register_loss(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator of a loss class (an ``nn.Module`` called as ``loss(logits, targets)`` -> scalar)."""
+    """Decorator of a loss class: an ``nn.Module`` called as ``loss(logits, targets, known=None,
+    epoch=1)`` -> a scalar (``known``: the batch's observed mask, bool [B, C], None = all observed;
+    ``epoch``: 1-based; see ``bench/models/losses.py``)."""
     return LOSSES.register(name)
 
 
@@ -384,7 +386,7 @@ def build_backbone(name: str, weights: str | None = None) -> Any:
 
 
 def build_loss(name: str, **params: Any) -> Any:
-    """The loss a recipe's ``loss`` key names, called as ``loss(logits, targets)`` -> a scalar."""
+    """The loss a recipe's ``loss`` key names, called as ``loss(logits, targets, known=None, epoch=1)`` -> a scalar."""
     cls = LOSSES.get(name)
     try:
         return cls(**params)
