@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from bench.api.observe import split_observe
 from bench.config.recipe import KEYS
@@ -113,6 +114,9 @@ def plot_observed_share(rows: pd.DataFrame, path: Path, rel: Path, title: str) -
             if single.any():
                 ax.scatter(line["share"][single], y[single.to_numpy()], s=90, facecolors="none", edgecolors=colors[config], zorder=4)
         ax.set_xscale("log")
+        shares = sorted(set(points["share"].round(4)))
+        ax.set_xticks(shares, [f"{100 * v:.3g} %" for v in shares], fontsize=7, rotation=45)
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("observed share of training labels (log)")
         ax.set_title(loss, fontsize=9)
         ax.grid(True, alpha=0.3)
