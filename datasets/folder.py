@@ -19,6 +19,16 @@ JSON manifests: a list ``[{"path": "cats/001.jpg", "labels": ["cat", "sofa"]}, .
 ``{"samples": [...], "labels": [...]}`` (the seed 002 format: ``image_name`` / ``image_labels`` keys
 are accepted as well; the top-level ``labels`` / ``classes`` list, when present, is the class list).
 
+Unknown labels (partially annotated data): a label a manifest marks unknown is neither positive
+nor negative. It takes no part in evaluation (``ignore``) and, in the training split, no part in
+the loss (``known``; the dataset option ``observe`` may hide more, ``bench/api/observe.py``):
+
+- long-form CSV: ``?dog`` in the labels cell marks ``dog`` unknown, and a lone ``?`` marks every
+  label the row does not list unknown (``cat;?``: a single positive label, the rest unannotated);
+- wide-form CSV: a cell ``?`` (besides ``1``, ``0`` and empty = 0);
+- JSON: a sample key ``"unknown"``: a list of label names, or ``"*"`` for every label not in its
+  ``labels``.
+
 Image paths are relative to ``ROOT/<image_dir>`` and must stay inside it: an absolute path, a path
 whose ``..`` leads outside, or a symlink (file or folder) resolving outside is a
 :class:`bench.core.errors.DataError` naming the manifest and the line. (The images folder itself may be
@@ -62,6 +72,8 @@ EXPECTED_LAYOUT = (
 LONG_FORM_COLUMNS = ("labels", "label", "tags", "classes")
 PATH_KEYS = ("path", "image", "image_name", "file_name", "filename")
 LABEL_KEYS = ("labels", "image_labels", "tags")
+#: marks a label unknown in a manifest (module docstring)
+UNKNOWN = "?"
 
 # -- manifests
 
@@ -95,10 +107,10 @@ def read_csv_manifest(path: Path, label_sep: str) -> Manifest:
             names = []
             for column, cell in zip(header[1:], row[1:]):
                 cell = cell.strip()
-                if cell not in ("0", "1", ""):
-                    raise DataError(f"{path}, line {lineno}: column {column!r} holds {cell!r}; expected 0 or 1")
-                if cell == "1":
-                    names.append(column)
+                if cell not in ("0", "1", "", UNKNOWN):
+                    raise DataError(f"{path}, line {lineno}: column {column!r} holds {cell!r}; expected 0, 1 or {UNKNOWN} (unknown)")
+                if cell in ("1", UNKNOWN):
+                    names.append(column if cell == "1" else UNKNOWN + column)
         lines.append(lineno)
         paths.append(row[0])
         labels.append(names)
@@ -136,9 +148,22 @@ def read_json_manifest(path: Path) -> Manifest:
         names = sample[label_key]
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise DataError(f"{where(i)}: {label_key!r} must be a list of label names, got {names!r:.120}")
+        unknown = sample.get("unknown", [])
+        if unknown == "*":
+            unknown = [""]  # "?" alone: every label not listed
+        elif not isinstance(unknown, list) or not all(isinstance(n, str) and n for n in unknown):
+            raise DataError(f'{where(i)}: "unknown" must be a list of label names or "*", got {unknown!r:.120}')
         paths.append(sample[path_key])
-        labels.append(names)
+        labels.append([*names, *(UNKNOWN + n for n in unknown)])
     return paths, labels, where, classes
+
+
+def split_unknown(names: list[str]) -> tuple[list[str], list[str], bool]:
+    """A manifest row's label names -> (positives, names marked unknown, whether every label not
+    listed is unknown): ``["cat", "?dog"]`` -> (["cat"], ["dog"], False); ``["cat", "?"]`` -> (["cat"], [], True)."""
+    positives = [n for n in names if not n.startswith(UNKNOWN)]
+    marked = [n[len(UNKNOWN):] for n in names if n.startswith(UNKNOWN)]
+    return positives, [n for n in marked if n], "" in marked
 
 
 def read_classes_file(path: Path) -> list[str]:
@@ -231,9 +256,9 @@ class FolderDataset(ImageFileDataset):
                 if len(set(self.classes)) != len(self.classes):
                     raise DataError(f"{first_file}: the 'labels' list holds a name twice")
             else:
-                union = {name for names in labels for name in names}
+                union = {name for names in labels for part in split_unknown(names)[:2] for name in part}
                 for _, (_, other_labels, _, other_listed) in others:
-                    union.update(name for names in other_labels for name in names)
+                    union.update(name for names in other_labels for part in split_unknown(names)[:2] for name in part)
                     union.update(other_listed or ())
                 union.update(listed or ())
                 self.classes, source = sorted(union), None
@@ -242,12 +267,24 @@ class FolderDataset(ImageFileDataset):
 
         index = {c: k for k, c in enumerate(self.classes)}
         self.targets = np.zeros((len(paths), len(self.classes)), dtype=np.uint8)
+        known = np.ones(self.targets.shape, dtype=bool)
         for i, names in enumerate(labels):
-            for name in names:
+            positives, unknown, rest_unknown = split_unknown(names)
+            for name in positives + unknown:
                 if name not in index:
                     raise DataError(f"{where(i)}: label {name!r} is not in the class list ({source}): {', '.join(self.classes)}")
+            both = set(positives) & set(unknown)
+            if both:
+                raise DataError(f"{where(i)}: label(s) {', '.join(sorted(both))} marked both positive and unknown")
+            if rest_unknown:
+                known[i] = False
+            for name in positives:
                 self.targets[i, index[name]] = 1
-        self.ignore = np.zeros(self.targets.shape, dtype=bool)
+                known[i, index[name]] = True
+            for name in unknown:
+                known[i, index[name]] = False
+        self.ignore = ~known  # an unannotated label is not scored
+        self.known = known
         self.paths = [safe_relpath(p, self.image_dir, lambda i=i: where(i)) for i, p in enumerate(paths)]
         image_digest = index_images(self.image_dir, self.paths, where)
         self.set_images(self.image_dir, self.paths, f"folder-v1 {split} {stat_key(self.manifest_file)} images={image_digest}")

@@ -6,6 +6,10 @@ A dataset plugin (a file in ``datasets/``) subclasses :class:`MultiLabelDataset`
 - ``classes``: list of C class names, in the dataset's canonical order;
 - ``targets``: uint8 array [N, C] in {0, 1} (training labels after the difficult policy);
 - ``ignore``: bool array [N, C]; True entries take no part in evaluation (SPEC §1);
+- optionally ``known``: bool array [N, C]; False where the source leaves a label unannotated
+  (neither positive nor negative; default: every label known). A plugin that sets it should also
+  set ``ignore`` there, so that an unannotated test label is not scored. The harness draws the
+  training split's observed mask from it (the dataset option ``observe``, ``bench.api.observe``);
 - ``load_image(i)``: the i-th image as an RGB ``PIL.Image`` or a uint8 array [H, W, 3];
 - ``fingerprint()``: a string that changes whenever the source files change (cache key).
 
@@ -56,6 +60,20 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         """Lines the report prints under a section about these options. The default says that the
         dataset has no difficult labels (SPEC §3: a dataset with them describes its policy)."""
         return ["difficult policy: not applicable (the dataset has no difficult labels)"]
+
+    @property
+    def known(self) -> np.ndarray:
+        """bool [N, C]: the labels the source annotates (all True unless the plugin set it). Not
+        the observed mask of a run: that one is drawn from this by ``bench.api.observe``."""
+        own = self.__dict__.get("_known")
+        return np.ones(np.shape(self.targets), dtype=bool) if own is None else own
+
+    @known.setter
+    def known(self, value: np.ndarray) -> None:
+        value = np.asarray(value, dtype=bool)
+        if value.shape != np.shape(self.targets):
+            raise ValueError(f"known {value.shape} and targets {np.shape(self.targets)} disagree")
+        self.__dict__["_known"] = value
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])

@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar
 
 from bench.api.context import HeadContext
 from bench.api.head import check_head_class, check_hparam_values, hparam_specs
+from bench.api.observe import split_observe
 from bench.core.errors import UsageError, choices
 from bench.core.paths import PROJECT_ROOT, source_file
 
@@ -239,7 +240,9 @@ def register_backbone_family(prefix: str, build: Callable[..., Any], is_known: C
 
 
 def register_loss(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator of a loss class (an ``nn.Module`` called as ``loss(logits, targets)`` -> scalar)."""
+    """Decorator of a loss class: an ``nn.Module`` called as ``loss(logits, targets, known=None,
+    epoch=1)`` -> a scalar (``known``: the batch's observed mask, bool [B, C], None = all observed;
+    ``epoch``: 1-based; see ``bench/models/losses.py``)."""
     return LOSSES.register(name)
 
 
@@ -353,8 +356,14 @@ def build_head(
 
 
 def build_dataset(name: str, root: str | os.PathLike | None = None, split: str | None = None, **options: Any) -> Any:
-    """Build split ``split`` (default: the dataset's training split) of dataset ``name``."""
+    """Build split ``split`` (default: the dataset's training split) of dataset ``name``.
+
+    ``options`` may hold the observe keys every dataset accepts (``bench.api.observe``); they are
+    validated and left out of the plugin's arguments."""
     cls = dataset_class(name)
+    # the harness's observe options (bench/api/observe.py) are checked here and never reach the
+    # plugin: the observed mask is drawn by the engine for the training split only
+    options, _observe = split_observe(options, f"dataset {name!r}")
     _check_keywords("dataset", name, cls, options, dataset_options(name))
     split = cls.train_split if split is None else split
     if split not in cls.splits:
@@ -377,7 +386,7 @@ def build_backbone(name: str, weights: str | None = None) -> Any:
 
 
 def build_loss(name: str, **params: Any) -> Any:
-    """The loss a recipe's ``loss`` key names, called as ``loss(logits, targets)`` -> a scalar."""
+    """The loss a recipe's ``loss`` key names, called as ``loss(logits, targets, known=None, epoch=1)`` -> a scalar."""
     cls = LOSSES.get(name)
     try:
         return cls(**params)

@@ -9,9 +9,15 @@ A grid file (``configs/<name>.toml``)::
     preset = "embedded_cpu"
     epochs = 6
 
+    [[recipes]]              # optional: variants of [recipe], each a table of keys over it; the
+    loss = "bce"             # grid runs every cell once per variant (e.g. loss x unknown_labels
+    unknown_labels = "ignore"  # pairs that a product of lists could not express)
+
     [[datasets]]             # name, optional root / train_split / test_split, then dataset options
     name = "<dataset>"
     num_train = 2000
+    observe = "fraction"     # any dataset: observed training labels (bench/api/observe.py)
+    observe_fraction = 0.1
 
     [[backbones]]            # name, optional weights ("imagenet" where packaged, or a local file)
     name = "tiny_cnn"
@@ -30,7 +36,7 @@ A grid file (``configs/<name>.toml``)::
 A cell's identity (``run_id``) is the hash of its resolved configuration: dataset name, options and
 splits; backbone and weights; head and every hyper-parameter (defaults filled in); the resolved
 recipe; the seed. Where the data lives (``root``) and execution settings are not part of it.
-Expansion order is seeds, datasets, backbones, head entries (file order; ``"*"`` expands to the
+Expansion order is seeds, datasets, recipe variants, backbones, head entries (file order; ``"*"`` expands to the
 registered heads in name order), then hyper-parameter values (keys sorted), so it does not depend
 on the order of keys in the file.
 
@@ -52,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.api import registry
+from bench.api.observe import OBSERVE_KEYS, split_observe
 from bench.api.registry import describe_backbone_names, is_known_backbone
 from bench.config.recipe import Recipe, resolve_recipe
 from bench.core.errors import UsageError, choices
@@ -60,7 +67,7 @@ from bench.core.paths import PROJECT_ROOT
 CONFIG_DIR = PROJECT_ROOT / "configs"
 #: seeds feed numpy's and torch's generators, which take 32-bit unsigned integers
 MAX_SEED = 2**32 - 1
-TOP_KEYS = ("description", "seeds", "recipe", "datasets", "backbones", "heads", "run")
+TOP_KEYS = ("description", "seeds", "recipe", "recipes", "datasets", "backbones", "heads", "run")
 DATASET_KEYS = ("name", "root", "train_split", "test_split")
 BACKBONE_KEYS = ("name", "weights")
 RUN_KEYS: dict[str, tuple[type, Any, tuple[Any, ...] | None]] = {
@@ -127,7 +134,9 @@ class Cell:
 
     def describe(self) -> str:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
-        return f"{self.dataset} / {self.backbone} / {self.head}({hp}) / seed {self.seed}"
+        observe = split_observe(self.dataset_options)[1]
+        shown = "" if observe.mode == "all" else f" (observe {observe.mode}" + (f" {observe.fraction:g}" if observe.mode == "fraction" else "") + ")"
+        return f"{self.dataset}{shown} / {self.backbone} / {self.head}({hp}) / seed {self.seed}"
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -257,15 +266,18 @@ def _expand_datasets(entries: list[dict[str, Any]], data_roots: dict[str, str], 
         except UsageError as exc:
             raise UsageError(f"{label}: {exc}") from None
         options = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
+        options, observe = split_observe(options, label)
         defaults = registry.dataset_options(name)
         unknown = sorted(set(options) - set(defaults))
         if unknown:
-            raise UsageError(f"{label}: unknown option(s) {choices(unknown)}; valid: {choices(['root', 'train_split', 'test_split', *sorted(defaults)])}")
+            valid = ['root', 'train_split', 'test_split', *OBSERVE_KEYS, *sorted(defaults)]
+            raise UsageError(f"{label}: unknown option(s) {choices(unknown)}; valid: {choices(valid)}")
         for key, value in options.items():
             if isinstance(value, list) and not (defaults[key] is None or isinstance(defaults[key], (list, tuple))):
                 raise UsageError(f"{label}: option {key!r} is a list; to compare datasets add another [[datasets]] entry")
             options[key] = _coerce(value, list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key], label, key)
-        full = {**defaults, **options}
+        # observe = "all" adds no key, so grids that never name it keep their run ids
+        full = {**defaults, **options, **observe.options()}
         for key in ("root", "train_split", "test_split"):
             if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
                 raise UsageError(f"{label}: {key} = {entry[key]!r} must be a non-empty string" + (" (a folder path)" if key == "root" else f"; valid splits: {choices(cls.splits)}"))
@@ -392,8 +404,7 @@ def load_grid(
     recipe_table = data.get("recipe", {})
     if not isinstance(recipe_table, dict):
         raise UsageError(f"{where}: 'recipe' must be a table [recipe]")
-    recipe = resolve_recipe(recipe_table, where)
-    preset = recipe_table.get("preset")
+    recipes = _recipe_variants(recipe_table, data.get("recipes"), where)
     run = _run_options(data.get("run", {}), where)
 
     dataset_entries = _filter(_table_list(data, "datasets", where), datasets, "dataset", where)
@@ -414,13 +425,13 @@ def load_grid(
     per_dataset = len(with_sources([
         Cell(dataset="", dataset_options={}, train_split="", test_split="", backbone=bb["name"], weights=bb.get("weights") or None,
              head=head, hparams=hparams, recipe=recipe, seed=seed)
-        for seed, bb, (head, hparams) in itertools.product(seeds, backbone_entries, head_cells)
+        for seed, (recipe, _), bb, (head, hparams) in itertools.product(seeds, recipes, backbone_entries, head_cells)
     ]))
     pending = [PendingDataset(name, per_dataset, how, layout) for name, how, layout in skipped]
 
     cells: list[Cell] = []
-    for seed, (ds, options, root, train_split, test_split), bb, (head, hparams) in itertools.product(
-        seeds, resolved_datasets, backbone_entries, head_cells
+    for seed, (ds, options, root, train_split, test_split), (recipe, preset), bb, (head, hparams) in itertools.product(
+        seeds, resolved_datasets, recipes, backbone_entries, head_cells
     ):
         cell = Cell(
             dataset=ds, dataset_options=options, train_split=train_split, test_split=test_split,
@@ -433,6 +444,29 @@ def load_grid(
     return Grid(name=path.stem, path=path, description=data.get("description", ""), cells=cells, pending=pending, run=run,
         head_configs=head_cells, backbones=[b["name"] for b in backbone_entries], seeds=list(seeds),
     )
+
+
+def _recipe_variants(table: dict[str, Any], variants: Any, where: str) -> list[tuple[Recipe, str | None]]:
+    """The grid's recipes with their preset names: ``[recipe]`` alone, or one per ``[[recipes]]``
+    entry, each a table of keys laid over ``[recipe]`` (it may name its own ``preset``)."""
+    if variants is None:
+        return [(resolve_recipe(table, where), table.get("preset"))]
+    if not isinstance(variants, list) or not variants or not all(isinstance(v, dict) for v in variants):
+        raise UsageError(f"{where}: 'recipes' must be one or more [[recipes]] tables of recipe keys (variants of [recipe])")
+    out: list[tuple[Recipe, str | None]] = []
+    for i, variant in enumerate(variants):
+        merged = {**table, **variant}
+        out.append((resolve_recipe(merged, f"{where} [[recipes]] {i + 1}"), merged.get("preset")))
+    seen: dict[str, int] = {}
+    for i, (recipe, _) in enumerate(out):
+        key = config_hash(recipe.identity())
+        if key in seen:
+            raise UsageError(f"{where}: [[recipes]] {seen[key] + 1} and {i + 1} resolve to the same recipe; remove one")
+        seen[key] = i
+    precisions = sorted({recipe.mixed_precision for recipe, _ in out})
+    if len(precisions) > 1:
+        raise UsageError(f"{where}: [[recipes]] use mixed_precision {choices(precisions)}; one launch runs one precision, so give them all the same")
+    return out
 
 
 def check_derived_weights(cells: list[Cell], run: dict[str, Any], where: str) -> None:

@@ -37,12 +37,16 @@ class Key:
     #: True: the range is open, minimum < value < maximum (a fraction that must leave something on both sides)
     exclusive: bool = False
     #: (key, value): this key takes effect only when the recipe's ``key`` equals ``value`` (the ASL
-    #: parameters when ``loss = "asl"``); reports leave it out of a recipe where it has no effect
+    #: parameters when ``loss = "asl"``; a tuple of values: any of them); reports leave it out of a
+    #: recipe where it has no effect
     applies_when: tuple[str, Any] | None = None
 
     def in_effect(self, recipe: Mapping[str, Any]) -> bool:
         """Whether this key changes anything in ``recipe`` (see :attr:`applies_when`)."""
-        return self.applies_when is None or recipe.get(self.applies_when[0]) == self.applies_when[1]
+        if self.applies_when is None:
+            return True
+        key, value = self.applies_when
+        return recipe.get(key) in value if isinstance(value, tuple) else recipe.get(key) == value
 
     def values(self) -> tuple[Any, ...] | None:
         """The allowed values (None: any value of the types within the range)."""
@@ -81,6 +85,16 @@ KEYS: dict[str, Key] = {
     "asl_gamma_neg": Key((float,), 4.0, minimum=0.0, doc="ASL focusing exponent of the negatives", in_id_at_default=False, applies_when=("loss", "asl")),
     "asl_gamma_pos": Key((float,), 0.0, minimum=0.0, doc="ASL focusing exponent of the positives", in_id_at_default=False, applies_when=("loss", "asl")),
     "asl_clip": Key((float,), 0.05, minimum=0.0, maximum=1.0, doc="ASL probability margin of the negatives", in_id_at_default=False, applies_when=("loss", "asl")),
+    # unknown (unobserved) training labels, dataset option observe (bench/api/observe.py, bench/models/losses.py)
+    "unknown_labels": Key(
+        (str,), "ignore", ("ignore", "negative"), in_id_at_default=False, applies_when=("loss", ("bce", "multilabel_soft_margin", "asl")),
+        doc="how bce, multilabel_soft_margin and asl treat a training label the dataset leaves unknown: ignore: it takes "
+        "no part in the loss; negative: it counts as a negative (assume negative). No effect when every label is observed",
+    ),
+    # the large-loss losses' rate (Kim et al. CVPR 2022): each epoch from the 2nd on, a further delta_rel of the
+    # batch's B x C entries is rejected / corrected among the unknown ones (the release's --delta_rel, in percent, / 100)
+    "ll_r_delta_rel": Key((float,), 0.002, minimum=0.0, maximum=1.0, doc="LL-R: growth of the rejected share per epoch", in_id_at_default=False, applies_when=("loss", "ll_r")),
+    "ll_ct_delta_rel": Key((float,), 0.002, minimum=0.0, maximum=1.0, doc="LL-Ct: growth of the corrected share per epoch", in_id_at_default=False, applies_when=("loss", "ll_ct")),
     "augment": Key((str,), "flip", ("none", "flip", "flip_crop")),
     "crop_scale_min": Key((float,), 0.7, minimum=0.05, maximum=1.0, doc="random-resized-crop area range [min, 1]"),
     "grad_clip": Key((float,), 0.0, minimum=0.0, doc="max gradient norm; 0 = no clipping"),

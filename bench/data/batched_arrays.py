@@ -17,38 +17,49 @@ import torch
 
 
 class FetchedBatch(NamedTuple):
-    """A batch read in one go: ``data [B, ...]``, ``targets float [B, C]``, ``ignore bool [B, C]``."""
+    """A batch read in one go: ``data [B, ...]``, ``targets float [B, C]``, ``ignore bool [B, C]``,
+    and, for training items, ``known bool [B, C]`` (None for evaluation items)."""
 
     data: torch.Tensor
     targets: torch.Tensor
     ignore: torch.Tensor
+    known: torch.Tensor | None = None
 
 
 class ArrayItems(torch.utils.data.Dataset):
-    """Items ``(data[i] as stored, target float [C], ignore bool [C])`` over three aligned arrays.
+    """Items ``(data[i] as stored, target float [C], ignore bool [C])`` over aligned arrays, and
+    ``(..., known bool [C])`` when built with an observed mask (training items).
 
     Args:
         data: [N, ...] any NumPy dtype torch understands (uint8 images, float16 features), possibly
             memory-mapped.
         targets: uint8 or float [N, C]; ignore: bool [N, C].
+        known: bool [N, C], the training split's observed mask (``bench.api.observe.observed_mask``),
+            or None: evaluation items, three elements per item as before. Given, every item and
+            batch has it as a FOURTH element (all True when every label is observed), so a
+            training loop unpacks ``inputs, targets, ignore, known``.
     """
 
-    def __init__(self, data: np.ndarray, targets: np.ndarray, ignore: np.ndarray) -> None:
+    def __init__(self, data: np.ndarray, targets: np.ndarray, ignore: np.ndarray, known: np.ndarray | None = None) -> None:
         if not (len(data) == len(targets) == len(ignore)):
             raise ValueError(f"arrays disagree on N: data {len(data)}, targets {len(targets)}, ignore {len(ignore)}")
         self.data = data
         self.targets = np.ascontiguousarray(targets, dtype=np.float32)
         self.ignore = np.ascontiguousarray(ignore, dtype=bool)
+        self.known = None if known is None else np.ascontiguousarray(known, dtype=bool)
+        if self.known is not None and self.known.shape != self.targets.shape:
+            raise ValueError(f"known {self.known.shape} and targets {self.targets.shape} disagree")
 
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        item = (
             torch.from_numpy(np.array(self.data[index])),
             torch.from_numpy(self.targets[index].copy()),
             torch.from_numpy(self.ignore[index].copy()),
         )
+        return item if self.known is None else (*item, torch.from_numpy(self.known[index].copy()))
 
     def __getitems__(self, indices: list[int]) -> FetchedBatch:
         rows = np.asarray(indices, dtype=np.int64)
@@ -56,19 +67,24 @@ class ArrayItems(torch.utils.data.Dataset):
             torch.from_numpy(self.data[rows]),  # fancy indexing copies, even from a memmap
             torch.from_numpy(self.targets[rows]),
             torch.from_numpy(self.ignore[rows]),
+            None if self.known is None else torch.from_numpy(self.known[rows]),
         )
 
 
-def collate_fetched(batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``collate_fn`` of :func:`array_loader`: the dataset already built the batch."""
+def collate_fetched(batch: Any) -> tuple[torch.Tensor, ...]:
+    """The ``collate_fn`` of :func:`array_loader`: the dataset already built the batch;
+    ``(data, targets, ignore)``, plus ``known`` for training items."""
     if not isinstance(batch, FetchedBatch):
         raise TypeError(f"collate_fetched expects the FetchedBatch of ArrayItems.__getitems__, got {type(batch).__name__}")
-    return batch.data, batch.targets, batch.ignore
+    if batch.known is None:
+        return batch.data, batch.targets, batch.ignore
+    return batch.data, batch.targets, batch.ignore, batch.known
 
 
 def array_loader(items: ArrayItems, batch_size: int, shuffle: bool = False,
                  generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
-    """A single-process ``DataLoader`` yielding ``(data [B, ...], targets [B, C], ignore [B, C])``.
+    """A single-process ``DataLoader`` yielding ``(data [B, ...], targets [B, C], ignore [B, C])``,
+    with ``known [B, C]`` as a fourth element when ``items`` carries an observed mask.
 
     Without ``generator`` the loader gets a fresh one of its own: a DataLoader draws a base seed
     from its generator each time it is iterated, and drawing it from the global generator would

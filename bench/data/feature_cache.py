@@ -70,19 +70,24 @@ class FeatureSplit:
 
     Attributes:
         features: float16/32 [N, d, h, w] (memory-mapped); targets uint8 [N, C]; ignore bool [N, C].
+        known: bool [N, C], the labels the SOURCE annotates (``MultiLabelDataset.known``; None: all);
+            the training split's observed mask is drawn from it (``bench.api.observe.observed_mask``).
     """
 
     features: np.ndarray
     targets: np.ndarray
     ignore: np.ndarray
     image_ids: list[str]
+    known: np.ndarray | None = None
 
 
 class FeatureDataset(ArrayItems):
-    """Items ``(features [d, h, w] as stored, target float [C], ignore bool [C])``, read a batch at a time."""
+    """Items ``(features [d, h, w] as stored, target float [C], ignore bool [C])``, read a batch at
+    a time; with ``known`` (bool [N, C], the training split's observed mask) a fourth element
+    ``known bool [C]`` (see :class:`ArrayItems`)."""
 
-    def __init__(self, split: FeatureSplit) -> None:
-        super().__init__(split.features, split.targets, split.ignore)
+    def __init__(self, split: FeatureSplit, known: np.ndarray | None = None) -> None:
+        super().__init__(split.features, split.targets, split.ignore, known)
 
 
 def _valid(data_path: Path, meta_path: Path) -> np.ndarray | None:
@@ -130,7 +135,7 @@ def load_or_build(
     if not box[0]:
         _build(extract, images, data_path, meta_path, accelerator, batch_size, dtype, progress)
     features = np.load(data_path, mmap_mode="r")
-    return FeatureSplit(features, images.targets, images.ignore, images.image_ids)
+    return FeatureSplit(features, images.targets, images.ignore, images.image_ids, images.known)
 
 
 @torch.no_grad()

@@ -49,6 +49,8 @@ class CachedSplit:
         images: uint8 [M, S, S, 3] (memory-mapped), M = number of readable images.
         targets: uint8 [M, C]; ignore: bool [M, C]; image_ids: list of M ids.
         skipped: ids of images that could not be read (left out, counted in the run's row).
+        known: bool [M, C], the labels the SOURCE annotates (``MultiLabelDataset.known``; None:
+            all); the training split's observed mask is drawn from it (``bench.api.observe``).
     """
 
     images: np.ndarray
@@ -56,6 +58,7 @@ class CachedSplit:
     ignore: np.ndarray
     image_ids: list[str]
     skipped: list[str]
+    known: np.ndarray | None = None
 
 
 def cache_key(dataset: MultiLabelDataset, size: int) -> str:
@@ -162,12 +165,14 @@ def load_or_build(
         ignore=np.asarray(dataset.ignore)[keep],
         image_ids=ids,
         skipped=[dataset.image_id(i) for i in bad],
+        known=np.asarray(dataset.known, dtype=bool)[keep],
     )
 
 
 class CachedImages(ArrayItems):
     """Items ``(image uint8 [S, S, 3], target float [C], ignore bool [C])`` from a :class:`CachedSplit`,
-    read a batch at a time."""
+    read a batch at a time; with ``known`` (bool [M, C], the training split's observed mask) a
+    fourth element ``known bool [C]`` (see :class:`ArrayItems`)."""
 
-    def __init__(self, split: CachedSplit) -> None:
-        super().__init__(split.images, split.targets, split.ignore)
+    def __init__(self, split: CachedSplit, known: np.ndarray | None = None) -> None:
+        super().__init__(split.images, split.targets, split.ignore, known)

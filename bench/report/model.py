@@ -24,6 +24,7 @@ from bench.config.recipe import KEYS, load_presets
 from bench.eval import bootstrap as stats
 from bench.eval import significance
 import bench.report.plots as plotting
+import bench.report.observed as observed_plot
 from bench.report.comparisons import (
     AcrossSections,
     CachedBootstrapper,
@@ -266,6 +267,11 @@ def build(
             if out_dir is not None and plots:
                 per_class, why = _per_class_data(part, comparisons)
                 section.plots = plotting.section_plots(part, Path(out_dir), slug, title, per_class, why, heatmap_specs(), head_defaults)
+                ids = {r for run_ids in part["run_ids"] for r in run_ids}
+                rel = Path("plots") / f"{slug}__{observed_plot.SLUG}.png"
+                swept = observed_plot.plot_observed_share(finished[finished["run_id"].isin(ids)], Path(out_dir) / rel, rel, title)
+                if swept is not None:  # only when the section sweeps the observed labels
+                    section.plots.append(swept)
             sections.append(section)
         if sections:
             ranked = pd.concat([s.summary for s in sections], ignore_index=True).dropna(subset=["mAP"])

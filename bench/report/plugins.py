@@ -10,6 +10,8 @@ import functools
 from typing import Any
 
 from bench.api import registry
+from bench.api.observe import Observe, split_observe
+from bench.core.errors import UsageError
 from bench.report.plots import HeatmapSpec
 
 
@@ -86,9 +88,14 @@ def dataset_setting_lines(dataset: str, options: dict[str, Any]) -> tuple[list[s
     """The dataset's own lines about its options (e.g. VOC's difficult-label policy), and the
     options left to list as ``key=value``."""
     try:
+        own, setting = split_observe(options, f"dataset {dataset!r}")
+    except UsageError:  # options a later version wrote: listed as key=value
+        own, setting = dict(options), Observe()
+    observed = [] if setting.mode == "all" else [f"observed labels: {setting.describe()}; the test split is fully labelled"]
+    try:
         cls = registry.dataset_class(dataset)
     except Exception:
-        return [], dict(options)
-    lines = list(cls.describe_options(options))
+        return observed, dict(own)
+    lines = list(cls.describe_options(own)) + observed
     described = set(getattr(cls, "described_options", ()))
-    return lines, {k: v for k, v in options.items() if k not in described}
+    return lines, {k: v for k, v in own.items() if k not in described}

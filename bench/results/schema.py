@@ -43,6 +43,9 @@ COLUMNS: dict[str, pa.DataType] = {
     # epoch (1-based), its validation mAP (NaN without a validation split), the held-out image count and
     # the per-epoch mAP on the selecting split (validation for best_val, TEST for best_test; null for last)
     "select": _STR, "selected_epoch": _INT, "val_mAP": _FLOAT, "val_images": _INT, "selection_mAP": JSON,
+    # observed training labels (bench.api.observe.observe_fields): the dataset option observe, its
+    # observe_fraction (null unless "fraction") and the realised share of observed training entries
+    "observe": _STR, "observe_fraction": _FLOAT, "observed_fraction": _FLOAT,
     # SPEC §1 metrics, fractions
     **{m: _FLOAT for m in METRIC_COLUMNS},
 }
