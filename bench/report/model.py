@@ -44,6 +44,7 @@ from bench.report.plugins import (
     reference_label,
 )
 from bench.report.summary import _canonical, summarize
+from bench.report.tuning import TuningSection, analyze, leaderboard_rows
 from bench.report.tables import (
     ACROSS_COLUMNS,
     BEST_COLUMNS,
@@ -89,6 +90,7 @@ class Report:
     across: AcrossSections | None = None  # ranks across sections
     across_table: Table | None = None
     across_plot: plotting.PlotResult | None = None
+    tuning: list[TuningSection] = field(default_factory=list)  # a tuned grid's choices (bench/report/tuning.py)
 
     @property
     def optimistic(self) -> bool:
@@ -215,6 +217,8 @@ def build(
         n_resamples, seed: of the paired bootstrap; ``n_resamples=None`` picks
             :func:`auto_resamples` for the largest Holm family among the sections.
     """
+    tuned_rows = _filter(_filter(rows, "dataset", datasets), "backbone", backbones)
+    rows = leaderboard_rows(rows)  # a tuned grid: each tune group's chosen point (docs/tuning.md)
     all_rows = rows
     in_sections = _filter(_filter(rows, "dataset", datasets), "backbone", backbones)
     shown = _filter(in_sections, "head", heads)
@@ -232,6 +236,7 @@ def build(
     best_table = None
     if out_dir is not None and plots:
         plotting.clear_plots(Path(out_dir))
+    tuning = analyze(tuned_rows, Path(out_dir) if out_dir is not None and plots else None).sections
     if not family.empty:
         visible = summarize(shown)
         shown_groups = set(visible["group_id"]) if not visible.empty else set()
@@ -293,6 +298,7 @@ def build(
         runs=len(shown), finished=int((shown["status"] == "finished").sum()) if "status" in shown else 0,
         best=best_table, sections=sections, failed=failed, notes=notes, resamples=n_resamples, seed=seed,
         comparisons=comparisons_frame(records), across=across, across_table=across_table, across_plot=across_plot,
+        tuning=tuning,
     )
 
 
