@@ -288,6 +288,7 @@ def build(
                     Path(out_dir), _across_caption(across),
                 )
     notes += left_out_class_notes(shown)
+    every = _filter(tuned_rows, "head", heads)  # every run, a tuned grid's unchosen points included
     failed = None
     if not shown.empty and "status" in shown:
         bad = shown[shown["status"] == "failed"]
@@ -295,7 +296,7 @@ def build(
             failed = make_table(bad.reset_index(drop=True), FAILED_COLUMNS)
     return Report(
         sources=[str(d) for d in results_dirs], filters={k: list(v) for k, v in (("dataset", datasets), ("backbone", backbones), ("head", heads)) if v},
-        runs=len(shown), finished=int((shown["status"] == "finished").sum()) if "status" in shown else 0,
+        runs=len(every), finished=int((every["status"] == "finished").sum()) if "status" in every else 0,
         best=best_table, sections=sections, failed=failed, notes=notes, resamples=n_resamples, seed=seed,
         comparisons=comparisons_frame(records), across=across, across_table=across_table, across_plot=across_plot,
         tuning=tuning,

@@ -330,4 +330,4 @@ def blocks(section: TuningSection) -> list[tuple[str, Table]]:
 
 def column_legend(table: Table) -> str:
     """One line defining a tuning table's columns (markdown inline markup)."""
-    return "; ".join(f"**{c.label}**: {c.legend}" for c in table.columns)
+    return "; ".join(f"**{c.label}**: {c.legend.rstrip('.')}" for c in table.columns) + "."
