@@ -175,3 +175,33 @@ def test_the_html_report_has_the_tuning_section(tuned) -> None:
     folder, _, _ = tuned
     page = (folder / "report.html").read_text()
     assert "Tuning: shapes · tiny_cnn · frozen" in page and "Kendall" in page and "data:image/png;base64," in page
+
+
+def test_leaderboard_rows_keep_each_choice_or_its_fresh_refit() -> None:
+    from bench.report.tuning import leaderboard_rows
+
+    def row(run_id: str, group: str, seed: int, index: int | None, val: float, status: str = "finished", refit: bool = False) -> dict:
+        lr = None if index is None else SPACE["lr"][index]
+        recipe = {**RECIPE, "lr": lr if lr is not None else 0.003, **({"select": "last"} if refit else {})}
+        config = {"dataset": {"name": "shapes"}, "head": {"name": "csra", "hparams": {}}, "recipe": recipe, "seed": seed,
+                  "tune": {"space": SPACE, **({"refit": True} if refit else {})}}
+        return {"run_id": run_id, "group_id": run_id, "tune_group": group, "tune_index": index, "tune_points": 3, "tune_refit": refit,
+                "status": status, "val_mAP": val, "head": "csra", "hparams": {}, "seed": seed, "recipe": recipe, "config": config}
+
+    rows = pd.DataFrame([
+        row("a0", "A", 0, 0, 0.5), row("a1", "A", 0, 1, 0.7), row("a2", "A", 0, 2, 0.1, status="failed"),
+        row("a-refit", "A", 0, 1, float("nan"), refit=True),  # a refit of A's choice: shown instead of it
+        row("b0", "B", 1, 0, 0.9), row("b1", "B", 1, 1, 0.2), row("b2", "B", 1, 2, 0.3),
+        row("b-refit", "B", 1, 1, float("nan"), refit=True),  # stale: B's choice is point 0
+        {"run_id": "plain", "group_id": "plain", "tune_group": None, "status": "finished", "head": "baseline", "seed": 0},
+    ])
+    kept = leaderboard_rows(rows).set_index("run_id")
+    assert sorted(kept.index) == ["a-refit", "a2", "b0", "plain"]
+    assert kept.loc["a-refit", "recipe"]["lr"] == "tuned" and kept.loc["b0", "config"]["recipe"]["lr"] == "tuned"
+    # the seeds of one head configuration are one experiment only when both rows are points or both refits
+    assert kept.loc["a-refit", "group_id"] != kept.loc["b0", "group_id"]
+    rows = rows[~rows["run_id"].isin(["a-refit", "b-refit"])]
+    kept = leaderboard_rows(rows).set_index("run_id")
+    assert sorted(kept.index) == ["a1", "a2", "b0", "plain"]
+    assert kept.loc["a1", "group_id"] == kept.loc["b0", "group_id"] != "a1"
+    assert bool(kept.loc["a1", "tune_selected"]) and not bool(kept.loc["a2", "tune_selected"])

@@ -22,7 +22,7 @@ import pandas as pd
 
 from bench.eval.tuning import Choice, RankAgreement, choice_optimism, is_point, rank_agreement, select_points
 from bench.report.plugins import describe_hparams, reference_label
-from bench.report.tables import SECTION_KEYS, Column, Table, _missing, _parse_json, make_table
+from bench.report.tables import SECTION_KEYS, Column, Table, make_table
 
 #: the value a tuned key shows in the leaderboard's recipe line (its chosen values are per seed)
 TUNED = "tuned"
@@ -52,8 +52,22 @@ class Tuning:
     choices: dict[str, Choice] = field(default_factory=dict)
 
 
+def _missing(value: Any) -> bool:
+    try:
+        return value is None or bool(pd.isna(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _dict(value: Any) -> dict[str, Any]:
-    value = _parse_json(value)
+    """A JSON column's value as a dict (rows read back hold dicts; rows built in memory may hold text)."""
+    if isinstance(value, dict):
+        return json.loads(json.dumps(value, default=str))  # a copy: the caller may change it
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            return {}
     return value if isinstance(value, dict) else {}
 
 
@@ -85,7 +99,7 @@ def _point_values(row: pd.Series) -> dict[str, Any]:
 
 def leaderboard_rows(rows: pd.DataFrame) -> pd.DataFrame:
     """The rows the leaderboard ranks: untuned rows as they are; of a tuned grid, per tune group
-    its chosen point (or, when the group has a finished refit, the refit instead) and its failed
+    its chosen point (or, when the group has a finished refit of that point, the refit instead) and its failed
     points (for the failed-runs table). The kept rows are re-keyed: ``group_id`` ignores the seed
     and the tuned keys, and ``config`` / ``recipe`` show the tuned keys as ``"tuned"``, so a head
     configuration's seeds form one experiment and pair with the reference's choice of the same seed."""
@@ -93,7 +107,7 @@ def leaderboard_rows(rows: pd.DataFrame) -> pd.DataFrame:
         return rows
     rows, choices = with_selection(rows)
     tuned = _tuned(rows)
-    refits = {str(r["tune_group"]) for _, r in rows[tuned].iterrows() if _refit(r) and r.get("status") == "finished"}
+    refits = {str(r["tune_group"]) for _, r in rows[tuned].iterrows() if _fresh_refit(r, choices)}
     keep = []
     for i, row in rows.iterrows():
         if not tuned[i]:
@@ -101,7 +115,7 @@ def leaderboard_rows(rows: pd.DataFrame) -> pd.DataFrame:
         elif row.get("status") == "failed":
             keep.append(i)
         elif str(row["tune_group"]) in refits:
-            if _refit(row) and row.get("status") == "finished":
+            if _fresh_refit(row, choices):
                 keep.append(i)
         elif bool(row["tune_selected"]):
             keep.append(i)
@@ -121,6 +135,15 @@ def leaderboard_rows(rows: pd.DataFrame) -> pd.DataFrame:
         family["tune"] = {"space": space, "refit": _refit(row)}
         out.at[i, "group_id"] = "tuned-" + hashlib.sha256(json.dumps(family, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return out
+
+
+def _fresh_refit(row: pd.Series, choices: dict[str, Choice]) -> bool:
+    """A finished refit of its group's current choice (a refit of another point is stale: a point
+    was retried since, and the choice moved)."""
+    choice = choices.get(str(row["tune_group"]))
+    index = row.get("tune_index")
+    return (_refit(row) and row.get("status") == "finished" and choice is not None and choice.index is not None
+            and not _missing(index) and int(index) == choice.index)
 
 
 def _label(head: str, hparams: dict[str, Any]) -> str:
