@@ -165,6 +165,12 @@ def test_the_map_of_every_point_kendall_tau_and_optimism(tuned) -> None:
 
 def test_tune_selected_is_in_the_report_frame(tuned) -> None:
     folder, rows, _ = tuned
+    loaded = results.load_all(folder).set_index("run_id")
+    first = rows[0]
+    # the tune columns survive the row schema (bench/results/schema.py)
+    assert loaded.loc[first["run_id"], "tune_point"] == {"lr": 0.0003}
+    assert int(loaded.loc[first["run_id"], "tune_index"]) == 0 and int(loaded.loc[first["run_id"], "tune_default"]) == 1
+    assert loaded.loc[first["run_id"], "tune_group"] == first["tune_group"] and not bool(loaded.loc[first["run_id"], "tune_refit"])
     report = build(results.load_all(folder))
     frame = report.tuning[0].frame
     selected = set(frame.loc[frame["tune_selected"], "run_id"])
