@@ -210,3 +210,12 @@ grad_clip = [0.0, 10.0]
     assert len(grid.cells) == 4 * 2 * 2 * 2 * 1 * 2 * 2
     seen = {(c.recipe.optimizer, c.recipe.momentum, c.recipe.loss, c.recipe.asl_gamma_neg, c.recipe.grad_clip) for c in grid.cells}
     assert len(seen) == 16
+
+
+def test_a_tuned_cell_is_rebuilt_from_its_stored_config_with_the_same_run_id(tmp_path: Path) -> None:
+    from bench.config.grid import Cell
+
+    grid = load_grid(str(grid_file(tmp_path, tune=TUNE + "refit = true")))
+    for cell in [*grid.cells[:3], grid.refits[0]]:
+        again = Cell.from_config(cell.config())
+        assert again.run_id == cell.run_id and again.tune_group == cell.tune_group

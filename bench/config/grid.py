@@ -148,7 +148,9 @@ class Cell:
     def from_config(cls, config: dict[str, Any], root: str | None = None) -> "Cell":
         """Rebuild a cell from :meth:`config` output (e.g. the JSON stored with a result row)."""
         d, b, h = config["dataset"], config["backbone"], config["head"]
+        tune = config.get("tune") or {}
         return cls(
+            tune_space=tune.get("space"), tune_refit=bool(tune.get("refit", False)),
             dataset=d["name"], dataset_options=d["options"], train_split=d["train_split"],
             test_split=d["test_split"], backbone=b["name"], weights=b["weights"], head=h["name"],
             hparams=h["hparams"], recipe=Recipe.from_dict(config["recipe"]), seed=config["seed"], root=root,
