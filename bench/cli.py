@@ -145,6 +145,11 @@ def cmd_run(argv: list[str]) -> int:
     if args.dry_run:
         console.print(f"grid {grid.name}{shard_text} ({grid.path}): {len(grid.cells)} cells", soft_wrap=True)
         _print_plan(grid, console)
+        if grid.tune is not None:
+            space = " x ".join(f"{k} {list(v)}" for k, v in grid.tune.space)
+            console.print(f"  tune: {len(grid.tune.points())} points ({space}) for every head configuration x seed; chosen on "
+                          f"validation mAP" + (f"; {len(grid.refits)} refit cells (run after their group's points)" if grid.refits else ""),
+                          soft_wrap=True, highlight=False)
         for i, cell in enumerate(grid.cells):
             console.print(f"  {i + 1:4d}  {cell.run_id}  {cell.describe()}", soft_wrap=True, highlight=False)
         if grid.cells:

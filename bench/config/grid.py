@@ -38,7 +38,8 @@ splits; backbone and weights; head and every hyper-parameter (defaults filled in
 recipe; the seed. Where the data lives (``root``) and execution settings are not part of it.
 Expansion order is seeds, datasets, recipe variants, backbones, head entries (file order; ``"*"`` expands to the
 registered heads in name order), then hyper-parameter values (keys sorted), so it does not depend
-on the order of keys in the file.
+on the order of keys in the file. A ``[tune]`` table (bench/config/tune.py, docs/tuning.md)
+expands every cell at every point of its search space (points innermost).
 
 ``--heads NAME`` keeps only that head's cells when the grid runs it; a registered head the grid
 does not run is added with its declared sweep (or its defaults) on the grid's datasets, backbones,
@@ -47,9 +48,7 @@ recipe and seeds, so any head dropped into ``heads/`` can be run on any grid.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import math
 import os
 import tomllib
@@ -61,13 +60,15 @@ from bench.api import registry
 from bench.api.observe import OBSERVE_KEYS, split_observe
 from bench.api.registry import describe_backbone_names, is_known_backbone
 from bench.config.recipe import Recipe, resolve_recipe
+from bench.config.identity import config_hash
+from bench.config.tune import TuneSpec, parse_tune, point_recipes, refit_cells, tune_family, tune_fields, tune_group
 from bench.core.errors import UsageError, choices
 from bench.core.paths import PROJECT_ROOT
 
 CONFIG_DIR = PROJECT_ROOT / "configs"
 #: seeds feed numpy's and torch's generators, which take 32-bit unsigned integers
 MAX_SEED = 2**32 - 1
-TOP_KEYS = ("description", "seeds", "recipe", "recipes", "datasets", "backbones", "heads", "run")
+TOP_KEYS = ("description", "seeds", "recipe", "recipes", "tune", "datasets", "backbones", "heads", "run")
 DATASET_KEYS = ("name", "root", "train_split", "test_split")
 BACKBONE_KEYS = ("name", "weights")
 RUN_KEYS: dict[str, tuple[type, Any, tuple[Any, ...] | None]] = {
@@ -95,9 +96,37 @@ class Cell:
     root: str | None = None  # where the data lives: not part of the identity
     recipe_preset: str | None = None
     source_run_id: str | None = None  # for a derived (training-free) head: the run it reuses
+    # [tune] (bench/config/tune.py): search space, point (values, 0-based grid order), or a refit
+    tune_space: dict[str, list[Any]] | None = None
+    tune_point: dict[str, Any] | None = None
+    tune_index: int | None = None
+    tune_default: int | None = None  # the point equal to the grid's [recipe], if any (reports compare with it)
+    tune_refit: bool = False
+    #: a refit: its group's points, which must all have rows before it trains (as ``source_run_id``)
+    tune_sources: tuple[str, ...] = ()
 
     def config(self) -> dict[str, Any]:
-        """The resolved configuration that defines this run (hashed into ``run_id``)."""
+        """The resolved configuration that defines this run (hashed into ``run_id``); a tuned cell
+        adds ``tune`` (space, refit), so it is never an untuned run (whose row has no tune group)."""
+        config = self._config()
+        if self.tune_space is not None:
+            config["tune"] = {"space": self.tune_space, **({"refit": True} if self.tune_refit else {})}
+        return config
+
+    @property
+    def tuned(self) -> bool:
+        return self.tune_space is not None
+
+    @property
+    def tune_group(self) -> str | None:
+        """The tune group of a tuned cell (:func:`bench.config.tune.tune_group`); None when untuned."""
+        return tune_group(self)
+
+    def tune_fields(self) -> dict[str, Any]:
+        """A tuned cell's result-row columns (:func:`bench.config.tune.tune_fields`); empty when untuned."""
+        return tune_fields(self)
+
+    def _config(self) -> dict[str, Any]:
         return {
             "dataset": {
                 "name": self.dataset,
@@ -126,7 +155,9 @@ class Cell:
     def from_config(cls, config: dict[str, Any], root: str | None = None) -> "Cell":
         """Rebuild a cell from :meth:`config` output (e.g. the JSON stored with a result row)."""
         d, b, h = config["dataset"], config["backbone"], config["head"]
+        tune = config.get("tune") or {}
         return cls(
+            tune_space=tune.get("space"), tune_refit=bool(tune.get("refit", False)),
             dataset=d["name"], dataset_options=d["options"], train_split=d["train_split"],
             test_split=d["test_split"], backbone=b["name"], weights=b["weights"], head=h["name"],
             hparams=h["hparams"], recipe=Recipe.from_dict(config["recipe"]), seed=config["seed"], root=root,
@@ -136,13 +167,10 @@ class Cell:
         hp = ", ".join(f"{k}={v}" for k, v in self.hparams.items())
         observe = split_observe(self.dataset_options)[1]
         shown = "" if observe.mode == "all" else f" (observe {observe.mode}" + (f" {observe.fraction:g}" if observe.mode == "fraction" else "") + ")"
-        return f"{self.dataset}{shown} / {self.backbone} / {self.head}({hp}) / seed {self.seed}"
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """A 16-hex-digit hash of a JSON-able config, independent of key order."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+        text = f"{self.dataset}{shown} / {self.backbone} / {self.head}({hp}) / seed {self.seed}"
+        if self.tune_point is not None:
+            text += f" / point {self.tune_index + 1} (" + ", ".join(f"{k}={v}" for k, v in self.tune_point.items()) + ")"
+        return text + (" / refit of the chosen point" if self.tune_refit else "")
 
 
 @dataclass(frozen=True)
@@ -172,6 +200,10 @@ class Grid:
     head_configs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # after --heads
     backbones: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    tune: TuneSpec | None = None
+    #: ``[tune] refit``: per tune group, the chosen point on train + validation; NOT in ``cells``: run
+    #: each after its ``tune_sources`` have rows, with ``tune.refit_recipe(cell.recipe, chosen point)``
+    refits: list[Cell] = field(default_factory=list)
 
     @property
     def skipped(self) -> list[str]:
@@ -405,6 +437,15 @@ def load_grid(
     if not isinstance(recipe_table, dict):
         raise UsageError(f"{where}: 'recipe' must be a table [recipe]")
     recipes = _recipe_variants(recipe_table, data.get("recipes"), where)
+    tune = parse_tune(data.get("tune"), recipe_table, where)
+    if tune is not None and data.get("recipes") is not None:
+        raise UsageError(f"{where}: [tune] and [[recipes]] cannot be combined (one search space is laid over one [recipe]); "
+                         "tune the recipe keys in [tune], or split the grid")
+    recipe, preset = recipes[0]
+    # (point values, point index, recipe) per point; one untuned point per recipe variant without [tune]
+    points = [(None, None, None)] if tune is None else [(p, i, r) for i, (p, r) in enumerate(point_recipes(tune, recipe_table, where))]
+    space = tune.identity() if tune is not None else None
+    default = next((i for p, i, _ in points if p is not None and all(getattr(recipe, k) == v for k, v in p.items())), None)
     run = _run_options(data.get("run", {}), where)
 
     dataset_entries = _filter(_table_list(data, "datasets", where), datasets, "dataset", where)
@@ -424,25 +465,29 @@ def load_grid(
     head_cells = _expand_heads(head_entries, where)
     per_dataset = len(with_sources([
         Cell(dataset="", dataset_options={}, train_split="", test_split="", backbone=bb["name"], weights=bb.get("weights") or None,
-             head=head, hparams=hparams, recipe=recipe, seed=seed)
-        for seed, (recipe, _), bb, (head, hparams) in itertools.product(seeds, recipes, backbone_entries, head_cells)
+             head=head, hparams=hparams, recipe=point_recipe or variant, seed=seed, tune_space=space, tune_point=point, tune_index=index)
+        for seed, (variant, _), bb, (head, hparams), (point, index, point_recipe) in itertools.product(seeds, recipes, backbone_entries, head_cells, points)
     ]))
     pending = [PendingDataset(name, per_dataset, how, layout) for name, how, layout in skipped]
 
     cells: list[Cell] = []
-    for seed, (ds, options, root, train_split, test_split), (recipe, preset), bb, (head, hparams) in itertools.product(
-        seeds, resolved_datasets, recipes, backbone_entries, head_cells
+    # a tuned grid: every head configuration x seed at every point (the points innermost, so a
+    # tune group's points are adjacent in grid order)
+    for seed, (ds, options, root, train_split, test_split), (variant, preset), bb, (head, hparams), (point, index, point_recipe) in itertools.product(
+        seeds, resolved_datasets, recipes, backbone_entries, head_cells, points
     ):
         cell = Cell(
             dataset=ds, dataset_options=options, train_split=train_split, test_split=test_split,
             backbone=bb["name"], weights=bb.get("weights") or None, head=head, hparams=hparams,
-            recipe=recipe, seed=seed, root=root, recipe_preset=preset,
+            recipe=point_recipe or variant, seed=seed, root=root, recipe_preset=preset,
+            tune_space=space, tune_point=point, tune_index=index, tune_default=default,
         )
         cells.append(cell)
     cells = with_sources(cells)
     check_derived_weights(cells, run, where)
+    refits = refit_cells(cells, recipe) if tune is not None and tune.refit else []
     return Grid(name=path.stem, path=path, description=data.get("description", ""), cells=cells, pending=pending, run=run,
-        head_configs=head_cells, backbones=[b["name"] for b in backbone_entries], seeds=list(seeds),
+        head_configs=head_cells, backbones=[b["name"] for b in backbone_entries], seeds=list(seeds), tune=tune, refits=refits,
     )
 
 
@@ -555,6 +600,10 @@ def head_group_key(cell: Cell) -> str | None:
         return None
     config = cell.config()
     del config["head"]
+    if cell.tune_point is not None:
+        # every point of a tuned grid joins the same pass: the key ignores the tuned keys, and the
+        # engine builds each member's optimizer, schedule, loss and clipping from its own recipe
+        config["recipe"] = {k: v for k, v in config["recipe"].items() if k not in cell.tune_point}
     return config_hash({**config, "root": cell.root})
 
 
@@ -563,11 +612,23 @@ def shard_cells(cells: list[Cell], shard: int, count: int) -> list[Cell]:
 
     A family is a trained cell together with the derived cells that reuse it, so a derived head
     always runs in the launch that trains its source; on a frozen backbone it is the whole head
-    group (:func:`head_group_key`), whose heads train in one pass. The order is the grid's expansion order,
-    which is stable, so N launches with shards 1/N .. N/N run every cell exactly once.
+    group (:func:`head_group_key`), whose heads train in one pass. In a tuned grid a family holds
+    whole tune groups (with their refits, when ``cells`` includes ``Grid.refits``): every point and
+    the refit of a head configuration x seed, and on a frozen backbone every head of the seed.
+    The order is the grid's expansion order, which is stable, so N launches with shards 1/N .. N/N
+    run every cell exactly once.
     """
     families: dict[str, list[Cell]] = {}
+    family_of: dict[str, str] = {}
     for cell in cells:
-        families.setdefault(head_group_key(cell) or cell.source_run_id or cell.run_id, []).append(cell)
+        if cell.source_run_id is not None and cell.source_run_id in family_of:
+            key = family_of[cell.source_run_id]
+        elif cell.tuned:
+            key = tune_family(cell)
+        else:
+            key = head_group_key(cell) or cell.source_run_id or cell.run_id
+        family_of[cell.run_id] = key
+        families.setdefault(key, []).append(cell)
     chosen = [family for i, family in enumerate(families.values()) if i % count == shard - 1]
     return [cell for family in chosen for cell in family]
+

@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from bench.report import tuning
 from bench.report.model import Report
 from bench.report.tables import Table
 
@@ -43,6 +44,12 @@ def render_console(report: Report, console: Console | None = None) -> None:
                 console.print(f"[bold]{ACROSS_TITLE}[/bold]")
             for line in across_text(report):
                 console.print(line, highlight=False)
+    for section in report.tuning:
+        console.print(f"[bold]{tuning.TITLE}: {section.title}[/bold]")
+        for line in section.lines:
+            console.print(line, highlight=False)
+        for title, table in tuning.blocks(section):
+            console.print(table_rich(table, title), width=width)
     if report.failed is not None:
         console.print(f"[red]{len(report.failed)} failed run(s)[/red]")
         console.print(table_rich(report.failed), width=width)

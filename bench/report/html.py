@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.report.markdown import ACROSS_TITLE, _bootstrap_sentence, _provenance, across_text
+from bench.report import tuning
 from bench.report.model import Report
+from bench.report.plots import slugify
 from bench.report.tables import CONVENTIONS, OPTIMISTIC, Table
 
 CSS = """
@@ -126,6 +128,24 @@ def _image(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
+def _tuning_html(report: Report, out_dir: Path) -> list[str]:
+    """A tuned grid's sections (bench/report/tuning.py)."""
+    parts = []
+    for section in report.tuning:
+        parts.append(f"<h2>{html.escape(tuning.TITLE)}: {html.escape(section.title)}</h2>")
+        parts.append('<ul class="settings">' + "".join(f"<li>{_inline_markup(s)}</li>" for s in section.lines) + "</ul>")
+        for i, (title, table) in enumerate(tuning.blocks(section)):
+            parts += [f"<h3>{html.escape(title)}</h3>", table_html(table, f"table-tuning-{slugify(section.title)}-{i}"),
+                      f'<p class="conv">{_inline_markup(tuning.column_legend(table))}</p>']
+        plot = section.plot
+        if plot is not None and not plot.skipped and (out_dir / plot.path).is_file():
+            parts.append(
+                f'<div class="plots"><figure><img alt="{html.escape(plot.title)}" src="{_image(out_dir / plot.path)}">'
+                f"<figcaption><strong>{html.escape(plot.title)}</strong>: {_inline_markup(plot.note)}</figcaption></figure></div>"
+            )
+    return parts
+
+
 def render_html(report: Report, out_dir: str | Path) -> str:
     """The report as one HTML page; plots are read from ``out_dir`` and inlined."""
     out_dir = Path(out_dir)
@@ -176,6 +196,7 @@ def render_html(report: Report, out_dir: str | Path) -> str:
             )
         elif plot is not None:
             parts.append(f'<p class="skipped">{_inline_markup(f"{plot.title}: {plot.note}")}.</p>')
+    parts += _tuning_html(report, out_dir)
     if report.notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_inline_markup(n)}</li>" for n in report.notes) + "</ul>")
     if report.failed is not None:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from bench.report import tuning
 from bench.report.model import Report, build
 from bench.report.tables import CONVENTIONS, OPTIMISTIC, Table
 
@@ -42,6 +43,7 @@ def render_markdown(report: Report | pd.DataFrame) -> str:
             if skipped:
                 lines += ["Plots not drawn: " + "; ".join(f"{p.title}: {p.note}" for p in skipped) + ".", ""]
     lines += across_markdown(report)
+    lines += tuning_markdown(report)
     if report.notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     if report.failed is not None:
@@ -50,6 +52,21 @@ def render_markdown(report: Report | pd.DataFrame) -> str:
     lines += [f"- **{label}**: {text}" for label, text in report.legend()]
     lines += ["", _bootstrap_sentence(report), ""]
     return "\n".join(lines)
+
+
+def tuning_markdown(report: Report) -> list[str]:
+    """A tuned grid's sections (bench/report/tuning.py)."""
+    lines: list[str] = []
+    for section in report.tuning:
+        lines += [f"## {tuning.TITLE}: {section.title}", ""] + [f"- {s}" for s in section.lines] + [""]
+        for title, table in tuning.blocks(section):
+            lines += [f"**{title}**", "", table_markdown(table), "", tuning.column_legend(table), ""]
+        plot = section.plot
+        if plot is not None and not plot.skipped:
+            lines += [f"**{plot.title}** ({plot.note}):", "", f"![{plot.title} — {section.title}]({plot.path.as_posix()})", ""]
+        elif plot is not None:
+            lines += [f"{plot.title}: {plot.note}.", ""]
+    return lines
 
 
 ACROSS_TITLE = "Across sections: mean ranks and critical differences"

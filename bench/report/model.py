@@ -45,6 +45,7 @@ from bench.report.plugins import (
     reference_label,
 )
 from bench.report.summary import _canonical, summarize
+from bench.report.tuning import TuningSection, analyze, leaderboard_rows
 from bench.report.tables import (
     ACROSS_COLUMNS,
     BEST_COLUMNS,
@@ -90,6 +91,7 @@ class Report:
     across: AcrossSections | None = None  # ranks across sections
     across_table: Table | None = None
     across_plot: plotting.PlotResult | None = None
+    tuning: list[TuningSection] = field(default_factory=list)  # a tuned grid's choices (bench/report/tuning.py)
 
     @property
     def optimistic(self) -> bool:
@@ -216,6 +218,8 @@ def build(
         n_resamples, seed: of the paired bootstrap; ``n_resamples=None`` picks
             :func:`auto_resamples` for the largest Holm family among the sections.
     """
+    tuned_rows = _filter(_filter(rows, "dataset", datasets), "backbone", backbones)
+    rows = leaderboard_rows(rows)  # a tuned grid: each tune group's chosen point (docs/tuning.md)
     all_rows = rows
     in_sections = _filter(_filter(rows, "dataset", datasets), "backbone", backbones)
     shown = _filter(in_sections, "head", heads)
@@ -233,6 +237,7 @@ def build(
     best_table = None
     if out_dir is not None and plots:
         plotting.clear_plots(Path(out_dir))
+    tuning = analyze(tuned_rows, Path(out_dir) if out_dir is not None and plots else None).sections
     if not family.empty:
         visible = summarize(shown)
         shown_groups = set(visible["group_id"]) if not visible.empty else set()
@@ -289,6 +294,7 @@ def build(
                     Path(out_dir), _across_caption(across),
                 )
     notes += left_out_class_notes(shown)
+    every = _filter(tuned_rows, "head", heads)  # every run, a tuned grid's unchosen points included
     failed = None
     if not shown.empty and "status" in shown:
         bad = shown[shown["status"] == "failed"]
@@ -296,9 +302,10 @@ def build(
             failed = make_table(bad.reset_index(drop=True), FAILED_COLUMNS)
     return Report(
         sources=[str(d) for d in results_dirs], filters={k: list(v) for k, v in (("dataset", datasets), ("backbone", backbones), ("head", heads)) if v},
-        runs=len(shown), finished=int((shown["status"] == "finished").sum()) if "status" in shown else 0,
+        runs=len(every), finished=int((every["status"] == "finished").sum()) if "status" in every else 0,
         best=best_table, sections=sections, failed=failed, notes=notes, resamples=n_resamples, seed=seed,
         comparisons=comparisons_frame(records), across=across, across_table=across_table, across_plot=across_plot,
+        tuning=tuning,
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-_STR, _INT, _FLOAT = pa.string(), pa.int64(), pa.float64()
+_STR, _INT, _FLOAT, _BOOL = pa.string(), pa.int64(), pa.float64(), pa.bool_()
 #: columns whose values are dicts or lists, stored as JSON text and decoded on read
 JSON = pa.string()
 
@@ -46,11 +46,18 @@ COLUMNS: dict[str, pa.DataType] = {
     # observed training labels (bench.api.observe.observe_fields): the dataset option observe, its
     # observe_fraction (null unless "fraction") and the realised share of observed training entries
     "observe": _STR, "observe_fraction": _FLOAT, "observed_fraction": _FLOAT,
+    # a tuned grid's point (bench/config/tune.py, Cell.tune_fields; null when untuned): its tune group, the
+    # point's 0-based position in grid order, the group's budget (points), the point's values, the position
+    # of the point equal to the grid's [recipe] (null: none is), and whether the row is the refit of the
+    # chosen point on train + validation. Which point is chosen is not stored: bench.eval.tuning.select_points
+    # computes it from val_mAP, so it never goes stale
+    "tune_group": _STR, "tune_index": _INT, "tune_points": _INT, "tune_point": JSON, "tune_default": _INT, "tune_refit": _BOOL,
     # SPEC §1 metrics, fractions
     **{m: _FLOAT for m in METRIC_COLUMNS},
 }
 JSON_COLUMNS = frozenset(
-    {"dataset_options", "hparams", "recipe", "config", "classes", "input_mean", "input_std", "feature_shape", "selection_mAP", "trained_with"}
+    {"dataset_options", "hparams", "recipe", "config", "classes", "input_mean", "input_std", "feature_shape", "selection_mAP", "trained_with",
+     "tune_point"}
 )
 ROW_SCHEMA = pa.schema([pa.field(name, kind) for name, kind in COLUMNS.items()])
 
@@ -86,7 +93,7 @@ def decode(record: dict[str, Any]) -> dict[str, Any]:
         value = record.get(name)
         if name in JSON_COLUMNS and isinstance(value, str):
             value = json.loads(value)
-        elif isinstance(value, float) and math.isnan(value) and COLUMNS[name] == _INT:
+        elif isinstance(value, float) and math.isnan(value) and COLUMNS[name] in (_INT, _BOOL):
             value = None
         out[name] = value
     return out
