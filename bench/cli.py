@@ -99,14 +99,22 @@ def _make_accelerator(mixed_precision: str = "no"):
     )
 
 
-def _list(console: Console) -> None:
-    from bench.api.registry import head_hparams, list_backbones, list_datasets, list_heads
+def _list(console: Console) -> int:
+    """Print what is registered; exit status 2 (after the list) when a plugin file failed to import."""
+    from bench.api.registry import broken_plugins, head_hparams, list_backbones, list_datasets, list_heads
     from bench.config.grid import CONFIG_DIR
 
-    console.print("[bold]heads[/bold]: " + ", ".join(f"{h}({', '.join(head_hparams(h))})" for h in list_heads()))
-    console.print("[bold]datasets[/bold]: " + ", ".join(list_datasets()))
+    with warnings.catch_warnings():  # the broken files are listed below, once
+        warnings.simplefilter("ignore")
+        heads, datasets = list_heads(), list_datasets()
+    console.print("[bold]heads[/bold]: " + ", ".join(f"{h}({', '.join(head_hparams(h))})" for h in heads))
+    console.print("[bold]datasets[/bold]: " + ", ".join(datasets))
     console.print("[bold]backbones[/bold]: " + ", ".join(list_backbones()))
     console.print("[bold]grids[/bold]: " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml") if p.stem != "recipes")))
+    broken = [*broken_plugins("head").values(), *broken_plugins("dataset").values()]
+    for text in broken:
+        print(f"error: {text}", file=sys.stderr)
+    return 2 if broken else 0
 
 
 def _print_plan(grid, console: Console) -> None:
@@ -130,8 +138,7 @@ def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     console = Console(stderr=False)
     if args.list:
-        _list(console)
-        return 0
+        return _list(console)
     from bench.config.grid import load_grid
 
     grid = load_grid(args.grid, heads=args.heads, datasets=args.datasets, backbones=args.backbones, data_roots=_data_roots(args.data_root))

@@ -181,3 +181,14 @@ class ImageFileDataset(MultiLabelDataset):
 
     def image_id(self, index: int) -> str:
         return self.image_files[index]
+
+    def data_identity(self) -> str:
+        """The labelled samples (:meth:`MultiLabelDataset.data_identity`) and each image file's size,
+        so the same manifest over other pictures (resized, re-encoded) is other data."""
+        digest = hashlib.sha256(super().data_identity().encode())
+        for name in self.image_files:
+            try:
+                digest.update(f"{os.stat(self.image_dir / name).st_size}\n".encode())
+            except OSError:
+                raise DataError(f"image file {self.image_dir / name} is missing (it was present when the dataset was built)") from None
+        return digest.hexdigest()[:16]

@@ -29,7 +29,10 @@ A grid file (``configs/<name>.toml``)::
 
 A cell's identity (``run_id``) is the hash of its resolved configuration: dataset name, options and
 splits; backbone and weights; head and every hyper-parameter (defaults filled in); the resolved
-recipe; the seed. Where the data lives (``root``) and execution settings are not part of it.
+recipe; the seed. Where the data lives (``root``) and execution settings are not part of it, with
+one exception: a dataset that declares ``data_in_identity`` (your own ``folder``) adds a digest of
+its train and test splits' labelled samples (``"data"``), so other data under another root are
+other runs; the run ids of every other dataset are unchanged.
 Expansion order is seeds, datasets, backbones, head entries (file order; ``"*"`` expands to the
 registered heads in name order), then hyper-parameter values (keys sorted), so it does not depend
 on the order of keys in the file.
@@ -52,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.api import registry
+from bench.api.head import check_hparam_values
 from bench.api.registry import describe_backbone_names, is_known_backbone
 from bench.config.recipe import Recipe, resolve_recipe
 from bench.core.errors import UsageError, choices
@@ -86,18 +90,17 @@ class Cell:
     recipe: Recipe
     seed: int
     root: str | None = None  # where the data lives: not part of the identity
+    data: str | None = None  # data_in_identity datasets: a digest of the splits' samples (in the identity)
     recipe_preset: str | None = None
     source_run_id: str | None = None  # for a derived (training-free) head: the run it reuses
 
     def config(self) -> dict[str, Any]:
         """The resolved configuration that defines this run (hashed into ``run_id``)."""
+        dataset = {"name": self.dataset, "options": self.dataset_options, "train_split": self.train_split, "test_split": self.test_split}
+        if self.data is not None:  # only datasets that declare data_in_identity: other run ids stay as they were
+            dataset["data"] = self.data
         return {
-            "dataset": {
-                "name": self.dataset,
-                "options": self.dataset_options,
-                "train_split": self.train_split,
-                "test_split": self.test_split,
-            },
+            "dataset": dataset,
             "backbone": {"name": self.backbone, "weights": self.weights},
             "head": {"name": self.head, "hparams": self.hparams},
             "recipe": self.recipe.identity(),
@@ -122,7 +125,7 @@ class Cell:
         return cls(
             dataset=d["name"], dataset_options=d["options"], train_split=d["train_split"],
             test_split=d["test_split"], backbone=b["name"], weights=b["weights"], head=h["name"],
-            hparams=h["hparams"], recipe=Recipe.from_dict(config["recipe"]), seed=config["seed"], root=root,
+            hparams=h["hparams"], recipe=Recipe.from_dict(config["recipe"]), seed=config["seed"], root=root, data=d.get("data"),
         )
 
     def describe(self) -> str:
@@ -281,8 +284,21 @@ def _expand_datasets(entries: list[dict[str, Any]], data_roots: dict[str, str], 
                 continue
             if not Path(root).is_dir():
                 raise UsageError(f"{label}: data root {root} does not exist or is not a folder ({how}); {cls.expected_layout}")
-        resolved.append((name, full, root, splits["train_split"], splits["test_split"]))
+        data = _data_identity(name, cls, root, options, splits, label) if getattr(cls, "data_in_identity", False) and root else None
+        resolved.append((name, full, root, splits["train_split"], splits["test_split"], data))
     return resolved, skipped
+
+
+def _data_identity(name: str, cls: type, root: str, options: dict[str, Any], splits: dict[str, str], label: str) -> str:
+    """A digest of the train and test splits' data (``MultiLabelDataset.data_identity``) of a
+    dataset whose identity is its folder; a bad folder is an error naming the grid entry."""
+    parts = []
+    for key in ("train_split", "test_split"):
+        try:
+            parts.append(registry.build_dataset(name, root, splits[key], **options).data_identity())
+        except UsageError as exc:
+            raise type(exc)(f"{label}: {exc}") from None
+    return config_hash({"data": parts})
 
 
 ALL_HEADS = "*"
@@ -307,6 +323,12 @@ def _resolve_head_entries(entries: list[dict[str, Any]], where: str) -> list[dic
         exclude = entry.get("exclude", [])
         if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
             raise UsageError(f"{where} [[heads]] {i + 1} (\"*\"): 'exclude' must be a list of head names")
+        broken = registry.broken_plugins("head")
+        if broken:
+            raise UsageError(
+                f"{where} [[heads]] {i + 1} (\"*\"): every head is asked for, but head plugin file(s) failed to import: "
+                + "; ".join(broken.values()) + "; fix or remove them, or name the heads to run"
+            )
         unknown = [e for e in exclude if e not in registry.list_heads()]
         if unknown:
             raise UsageError(f"{where} [[heads]] {i + 1} (\"*\"): exclude names unknown head(s) {choices(unknown)}; registered: {choices(registry.list_heads())}")
@@ -335,7 +357,11 @@ def _expand_heads(entries: list[dict[str, Any]], where: str) -> list[tuple[str, 
                 raise UsageError(f"{label}: {key!r} is an empty list, so the grid would have no cells")
             value_lists.append([_coerce(v, defaults[key], label, key) for v in values])
         for combo in itertools.product(*value_lists):
-            out.append((name, {**defaults, **dict(zip(keys, combo))}))
+            hparams = {**defaults, **dict(zip(keys, combo))}
+            # the head's annotations, ranges included (bench.api.head.coerce_value), before training;
+            # the values themselves stay as written (they are part of the run id)
+            check_hparam_values(registry.head_class(name), dict(zip(keys, combo)), label)
+            out.append((name, hparams))
     return out
 
 
@@ -419,13 +445,13 @@ def load_grid(
     pending = [PendingDataset(name, per_dataset, how, layout) for name, how, layout in skipped]
 
     cells: list[Cell] = []
-    for seed, (ds, options, root, train_split, test_split), bb, (head, hparams) in itertools.product(
+    for seed, (ds, options, root, train_split, test_split, data_id), bb, (head, hparams) in itertools.product(
         seeds, resolved_datasets, backbone_entries, head_cells
     ):
         cell = Cell(
             dataset=ds, dataset_options=options, train_split=train_split, test_split=test_split,
             backbone=bb["name"], weights=bb.get("weights") or None, head=head, hparams=hparams,
-            recipe=recipe, seed=seed, root=root, recipe_preset=preset,
+            recipe=recipe, seed=seed, root=root, recipe_preset=preset, data=data_id,
         )
         cells.append(cell)
     cells = with_sources(cells)

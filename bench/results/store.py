@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.core.atomic import atomic_write, host_tag, remove_stale_temporaries
-from bench.core.errors import UsageError
+from bench.core.atomic import atomic_write, free_bytes, host_tag, is_no_space, no_space, remove_stale_temporaries
+from bench.core.errors import UsageError, format_bytes
 from bench.results import schema
-from bench.results.locks import LOCKS, remove_graves
+from bench.results.locks import LOCKS, check_lock_folder, remove_graves, stale_after_s
 
 RUNS = "runs"
 SCORES = "scores"
@@ -48,6 +48,10 @@ RUN_ID = re.compile(r"[0-9a-f]{16}")
 STATUSES = ("finished", "failed")
 #: folders of a results directory (and of a report's output) where atomic writes happen
 REPORT_FOLDERS = (".", "plots", ".cache/bootstrap")
+#: free space a launch needs before it trains anything: a run's row, scores, weights and epoch
+#: checkpoint of the embedded grids fit well inside it (a larger model needs more: the engine
+#: passes its own estimate to :func:`check_writable`)
+MIN_FREE_BYTES = 16 * 2**20
 
 
 class DamagedFileWarning(UserWarning):
@@ -102,18 +106,29 @@ def clean_temporaries(folder: str | Path) -> list[Path]:
     return removed + remove_graves(folder)
 
 
-def check_writable(results_dir: str | Path) -> Path:
-    """Create ``results_dir`` if needed and prove it is writable, before any training starts;
-    remove what killed writers left behind."""
+def check_writable(results_dir: str | Path, needed: int = MIN_FREE_BYTES) -> Path:
+    """Create ``results_dir`` if needed and prove it is writable and has ``needed`` bytes free,
+    before any training starts; check ``$HEADBENCH_LOCK_STALE_S`` and the lock folder; remove what
+    killed writers left behind. A full disk is a :class:`~bench.core.errors.NoSpaceError` naming
+    the folder and the space needed (exit status 2); nothing is left written."""
     path = Path(results_dir)
+    stale_after_s()
     try:
         (path / RUNS).mkdir(parents=True, exist_ok=True)
         probe = path / RUNS / f".write-test.{host_tag()}.{os.getpid()}.probe000.tmp"  # the temporary-file form: cleaned if left
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"\0" * 4096)
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
+        if is_no_space(exc):
+            raise no_space(path, needed, "a first file") from None
         raise UsageError(f"results directory {path} is not writable: {exc.strerror or exc}") from exc
     clean_temporaries(path)
+    check_lock_folder(path)
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        raise no_space(path, needed, f"this launch's results (a run needs up to about {format_bytes(needed)})")
     return path
 
 

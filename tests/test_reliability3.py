@@ -1,0 +1,300 @@
+"""Reliability, round 3 (issue 26): plugins that misbehave, data identity, full disks, numbers that
+pass a type check and then fail every run, locks and results files, the console's width. Each test
+asserts the message, the exit status, and what is (not) written.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import TINY_GRID, run_cli
+
+
+def unwrapped(text: str) -> str:
+    """Console output with rich's line wrapping undone."""
+    return " ".join(text.split())
+
+
+def _plugin(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+GOOD_HEAD = """
+    from torch import nn
+    from bench.api import register_head
+
+    @register_head("{name}")
+    class Head(nn.Module):
+        sweep = ()
+
+        def __init__(self, in_channels, num_classes, context=None, *, width: int = 1):
+            super().__init__()
+            {init}
+            self.fc = nn.Linear(in_channels, num_classes)
+
+        def forward(self, x):
+            return self.fc(x.mean((2, 3)))
+"""
+
+
+# -- 6. plugins ------------------------------------------------------------------------------------
+
+
+def test_runtime_error_in_one_sweep_value_is_a_usage_error_naming_it(tmp_path: Path) -> None:
+    heads = tmp_path / "heads"
+    _plugin(heads, "picky", GOOD_HEAD.format(name="picky", init='if width == 2: raise RuntimeError("width 2 is not built")'))
+    grid = tmp_path / "g.toml"
+    grid.write_text(TINY_GRID.replace('name = "baseline"\npool = ["avg", "max"]', 'name = "picky"\nwidth = [1, 2]'))
+    result = run_cli("--grid", str(grid), "--results", str(tmp_path / "r"), env={"HEADBENCH_HEADS_PATH": str(heads)})
+    text = unwrapped(result.stderr)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert "head 'picky'" in text and "picky.py" in text and "width=2" in text and "RuntimeError: width 2 is not built" in text
+
+
+def test_plugin_calling_sys_exit_at_import_silences_nothing(tmp_path: Path, tiny_grid: Path) -> None:
+    heads = tmp_path / "heads"
+    _plugin(heads, "quitter", "import sys\nsys.exit(3)\n")
+    env = {"HEADBENCH_HEADS_PATH": str(heads)}
+    listed = run_cli("--list", env=env)
+    assert listed.returncode == 2
+    assert "baseline(" in listed.stdout and "quitter.py failed to import: it called sys.exit(3) at import" in unwrapped(listed.stderr)
+    tiny_grid.write_text(TINY_GRID.replace('pool = ["avg", "max"]', 'pool = "avg"'))
+    launch = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path / "r"), env=env)
+    assert launch.returncode == 0, launch.stderr[-2000:]
+    assert "1 trained" in unwrapped(launch.stdout) and "quitter.py failed to import" in unwrapped(launch.stderr)
+    report = run_cli("report", "--results", str(tmp_path / "r"), "--format", "console", env=env)
+    assert report.returncode == 0 and "baseline" in report.stdout and "quitter.py failed to import" in unwrapped(report.stderr)
+
+
+def test_broken_plugin_blocks_only_the_grids_that_use_it(tmp_path: Path, tiny_grid: Path) -> None:
+    heads = tmp_path / "heads"
+    _plugin(heads, "aaa_broken", textwrap.dedent(GOOD_HEAD.format(name="wobbly", init="pass")) + "\nraise RuntimeError('half-written plugin')\n")
+    env = {"HEADBENCH_HEADS_PATH": str(heads)}
+    unrelated = run_cli("--grid", str(tiny_grid), "--dry-run", env=env)
+    assert unrelated.returncode == 0, unrelated.stderr[-2000:]
+    assert "aaa_broken.py failed to import: RuntimeError: half-written plugin" in unwrapped(unrelated.stderr)
+    grid = tmp_path / "uses.toml"
+    grid.write_text(TINY_GRID + '[[heads]]\nname = "wobbly"\n')
+    used = run_cli("--grid", str(grid), "--dry-run", env=env)
+    text = unwrapped(used.stderr)
+    assert used.returncode == 2 and "Traceback" not in used.stderr
+    assert "[[heads]] 2 (wobbly)" in text and "unknown head 'wobbly'" in text and "aaa_broken.py failed to import" in text
+    every = tmp_path / "every.toml"
+    every.write_text(TINY_GRID.replace('name = "baseline"\npool = ["avg", "max"]', 'name = "*"'))
+    star = run_cli("--grid", str(every), "--dry-run", env=env)
+    assert star.returncode == 2 and '[[heads]] 1 ("*")' in unwrapped(star.stderr) and "aaa_broken.py" in star.stderr
+
+
+def test_head_named_like_the_wildcard_is_refused(tmp_path: Path, tiny_grid: Path) -> None:
+    heads = tmp_path / "heads"
+    _plugin(heads, "star", GOOD_HEAD.format(name="*", init="pass"))
+    listed = run_cli("--list", env={"HEADBENCH_HEADS_PATH": str(heads)})
+    text = unwrapped(listed.stderr)
+    assert listed.returncode == 2 and "star.py failed to import" in text and "got '*'" in text
+    assert "*(" not in listed.stdout
+
+
+# -- 5. numbers that pass a type check and then fail every run ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "key", "allowed"),
+    [
+        ("lr = 1e300", "'lr'", "<= 100.0"),
+        ("lr = 1e39", "'lr'", "<= 100.0"),  # above float32's range
+        ("warmup_epochs = 1e308", "'warmup_epochs'", "<= 100000"),
+        ("batch_size = 100_000_000_000", "'batch_size'", "<= 1048576"),
+        ("weight_decay = 1e30", "'weight_decay'", "<= 100.0"),
+    ],
+)
+def test_recipe_numbers_have_a_finite_range(tmp_path: Path, line: str, key: str, allowed: str) -> None:
+    from bench.config.grid import load_grid
+    from bench.core.errors import UsageError
+
+    grid = tmp_path / "g.toml"
+    lines = [ln for ln in TINY_GRID.splitlines() if not ln.startswith(line.split(" = ")[0] + " = ")]
+    grid.write_text("\n".join(lines).replace("epochs = 1\n", f"epochs = 1\n{line}\n"))
+    with pytest.raises(UsageError) as info:
+        load_grid(str(grid))
+    text = str(info.value)
+    assert str(grid) in text and key in text and "out of range" in text and allowed in text
+
+
+def test_head_float_beyond_float32_is_refused_on_load(tmp_path: Path) -> None:
+    from bench.config.grid import load_grid
+    from bench.core.errors import UsageError
+
+    grid = tmp_path / "g.toml"
+    grid.write_text(TINY_GRID.replace('name = "baseline"\npool = ["avg", "max"]', 'name = "csra"\nlam = [0.1, 1e39]'))
+    with pytest.raises(UsageError, match=r"\[\[heads\]\] 1 \(csra\).*'lam' = 1e\+39.*float32"):
+        load_grid(str(grid))
+    grid.write_text(TINY_GRID.replace('name = "baseline"\npool = ["avg", "max"]', 'name = "csra"\nlam = [0.1, 3e38]'))
+    assert len(load_grid(str(grid)).cells) == 2  # within float32: accepted
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "5", "-1"])
+def test_env_number_is_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str) -> None:
+    from bench.core.errors import UsageError
+    from bench.results import store
+
+    monkeypatch.setenv("HEADBENCH_LOCK_STALE_S", value)
+    with pytest.raises(UsageError, match=r"\$HEADBENCH_LOCK_STALE_S = '[^']+': expected a finite number of seconds in 60 \.\. 2592000"):
+        store.check_writable(tmp_path / "r")
+    monkeypatch.setenv("HEADBENCH_LOCK_STALE_S", " 120 ")
+    store.check_writable(tmp_path / "r")
+    from bench.results.locks import RunLock
+
+    assert RunLock(tmp_path / "r", "0123456789abcdef").stale_after == 120.0
+
+
+def test_bad_lock_env_is_exit_2_before_training(tmp_path: Path, tiny_grid: Path) -> None:
+    result = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path / "r"), env={"HEADBENCH_LOCK_STALE_S": "abc"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "$HEADBENCH_LOCK_STALE_S = 'abc'" in unwrapped(result.stderr)
+    assert not list((tmp_path / "r").rglob("*.parquet"))
+
+
+# -- 7. locks and results files ---------------------------------------------------------------------
+
+
+def test_lock_that_is_a_folder_is_named_not_a_traceback(tmp_path: Path, tiny_grid: Path) -> None:
+    from bench.config.grid import load_grid
+
+    run_id = load_grid(str(tiny_grid)).cells[0].run_id
+    (tmp_path / "r" / "locks" / f"{run_id}.lock").mkdir(parents=True)
+    (tmp_path / "r" / "locks" / f"{run_id}.lock" / "keep.txt").write_text("the user's")
+    result = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path / "r"))
+    text = unwrapped(result.stderr)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{run_id}.lock" in text and "not plain files" in text
+    assert (tmp_path / "r" / "locks" / f"{run_id}.lock" / "keep.txt").read_text() == "the user's"  # never deleted
+
+
+# -- 4. a full disk ----------------------------------------------------------------------------------
+
+
+def test_full_disk_in_an_atomic_write_names_folder_and_size(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import errno
+    import os
+
+    from bench.core import atomic
+    from bench.core.errors import NoSpaceError
+
+    (tmp_path / "old.bin").write_bytes(b"old")
+    real_fsync = os.fsync
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(NoSpaceError) as info:
+        atomic.atomic_write_bytes(tmp_path / "old.bin", b"x" * 3000)
+    text = str(info.value)
+    assert str(tmp_path) in text and "old.bin" in text and "2.9 KiB" in text and "free" in text
+    assert (tmp_path / "old.bin").read_bytes() == b"old"  # the old file stays whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.bin"]  # no temporary left
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    atomic.atomic_write_bytes(tmp_path / "old.bin", b"new")
+    assert (tmp_path / "old.bin").read_bytes() == b"new"
+
+    def quota(tmp: Path) -> None:
+        tmp.write_bytes(b"y" * 5000)
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    with pytest.raises(NoSpaceError, match="4.9 KiB"):  # unknown size: the bytes written before it failed
+        atomic.atomic_write(tmp_path / "other.bin", quota)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.bin"]
+
+
+def _small_filesystem(folder: Path, size: str) -> bool:
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
+
+
+def test_full_disk_launch_is_exit_2_and_the_rerun_the_same(tmp_path: Path, tiny_grid: Path) -> None:
+    import subprocess
+
+    small = tmp_path / "small"
+    if not _small_filesystem(small, "1m"):
+        pytest.skip("mounting a 1 MiB tmpfs needs root")
+    try:
+        for attempt in range(2):
+            result = run_cli("--grid", str(tiny_grid), "--results", str(small / "results"))
+            text = unwrapped(result.stderr)
+            assert result.returncode == 2, (attempt, result.stderr[-2000:])
+            assert "Traceback" not in result.stderr
+            assert f"no space left in {small / 'results'}" in text and "16.0 MiB is needed" in text
+            assert not [p for p in small.rglob("*") if p.is_file()], attempt  # nothing written, no lock
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+# -- 3. the folder dataset's data is part of its identity ------------------------------------------
+
+FOLDER_GRID = """
+seeds = [0]
+[recipe]
+preset = "embedded_cpu"
+epochs = 1
+batch_size = 2
+eval_batch_size = 2
+image_size = 16
+[[datasets]]
+name = "folder"
+[[backbones]]
+name = "tiny_cnn"
+[[heads]]
+name = "baseline"
+pool = "avg"
+"""
+
+
+def _folder(root: Path, labels: str) -> Path:
+    """A tiny folder dataset whose test image t1 has ``labels``."""
+    from bench.api.registry import dataset_class
+
+    dataset_class("folder").write_sample(root)
+    (root / "test.csv").write_text(f"path,labels\nt1.jpg,{labels}\nt2.jpg,bird;dog\n")
+    return root
+
+
+def test_folder_data_is_part_of_the_run_identity(tmp_path: Path) -> None:
+    import shutil
+
+    from bench.config.grid import load_grid
+
+    a, b = _folder(tmp_path / "A", "cat"), _folder(tmp_path / "B", "dog")
+    grid = tmp_path / "f.toml"
+    grid.write_text(FOLDER_GRID)
+    id_a = load_grid(str(grid), data_roots={"folder": str(a)}).cells[0].run_id
+    id_b = load_grid(str(grid), data_roots={"folder": str(b)}).cells[0].run_id
+    assert id_a != id_b
+    shutil.copytree(a, tmp_path / "copy")  # a copy (new file times) of the same data is the same run
+    assert load_grid(str(grid), data_roots={"folder": str(tmp_path / "copy")}).cells[0].run_id == id_a
+    (tmp_path / "copy" / "t1.jpg").write_bytes((a / "t1.jpg").read_bytes() + b"\0" * 10)  # other picture, same labels
+    assert load_grid(str(grid), data_roots={"folder": str(tmp_path / "copy")}).cells[0].run_id != id_a
+    twice = tmp_path / "twice.toml"
+    twice.write_text(FOLDER_GRID.replace('name = "folder"', f'name = "folder"\nroot = "{a}"\n[[datasets]]\nname = "folder"\nroot = "{b}"'))
+    assert sorted(c.run_id for c in load_grid(str(twice)).cells) == sorted([id_a, id_b])
+    # a published dataset's identity is unchanged: no data digest in its config
+    assert all("data" not in c.config()["dataset"] for c in load_grid("smoke").cells)
+
+
+def test_folder_a_then_b_into_one_results_dir_trains_b(tmp_path: Path) -> None:
+    a, b = _folder(tmp_path / "A", "cat"), _folder(tmp_path / "B", "dog")
+    grid = tmp_path / "f.toml"
+    grid.write_text(FOLDER_GRID)
+    results = tmp_path / "r"
+    for root in (a, b):
+        out = run_cli("--grid", str(grid), "--results", str(results), "--data-root", f"folder={root}")
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "1 trained, 0 already done" in unwrapped(out.stdout)
+    assert len(list((results / "runs").glob("*.parquet"))) == 2
