@@ -298,3 +298,69 @@ def test_folder_a_then_b_into_one_results_dir_trains_b(tmp_path: Path) -> None:
         assert out.returncode == 0, out.stderr[-2000:]
         assert "1 trained, 0 already done" in unwrapped(out.stdout)
     assert len(list((results / "runs").glob("*.parquet"))) == 2
+
+
+# -- 9. smaller ones -----------------------------------------------------------------------------------
+
+
+def _png16(path: Path, samples, color_type: int) -> None:
+    """Write a 16-bit PNG of ``samples`` (uint16 [H, W, channels]) with each of the five row filters
+    (PNG spec §9.2, rows cycling through None, Sub, Up, Average, Paeth)."""
+    import struct
+    import zlib
+
+    import numpy as np
+
+    h, w, c = samples.shape
+    raw = samples.astype(">u2").reshape(h, w * c).view(np.uint8).reshape(h, w * c * 2).astype(np.int64)
+    bpp = c * 2
+    rows, prev = [], np.zeros(raw.shape[1], dtype=np.int64)
+    for y in range(h):
+        row, kind = raw[y], y % 5
+        left = np.concatenate([np.zeros(bpp, dtype=np.int64), row[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, dtype=np.int64), prev[:-bpp]])
+        if kind == 0:
+            pred = np.zeros_like(row)
+        elif kind == 1:
+            pred = left
+        elif kind == 2:
+            pred = prev
+        elif kind == 3:
+            pred = (left + prev) // 2
+        else:
+            p = left + prev - upleft
+            pa, pb, pc = abs(p - left), abs(p - prev), abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prev, upleft))
+        rows.append(bytes([kind]) + ((row - pred) % 256).astype(np.uint8).tobytes())
+        prev = row
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize(("color_type", "channels"), [(0, 1), (2, 3), (6, 4), (4, 2)])
+def test_16bit_png_of_every_colour_type_uses_one_scale(tmp_path: Path, color_type: int, channels: int) -> None:
+    import numpy as np
+
+    from bench.api.image_files import open_rgb
+
+    rng = np.random.default_rng(color_type)
+    samples = rng.integers(0, 65536, size=(10, 9, channels)).astype(np.uint16)
+    samples[0, 0, : max(1, channels - 1)] = [255, 65535, 32896][: max(1, channels - 1)]  # high byte 0 but v/257 ~ 1; white; 128
+    if channels in (2, 4):
+        samples[:, :, -1] = 65535  # opaque everywhere but one pixel
+        samples[1, 1, -1] = 0
+    path = tmp_path / "wide.png"
+    _png16(path, samples, color_type)
+    colour = samples[:, :, : max(1, channels - 1) if channels in (2, 4) else channels].astype(np.int64)
+    expected = (2 * colour + 257) // 514  # round(v / 257), halves up: the documented 16-bit rule
+    if expected.shape[2] == 1:
+        expected = np.repeat(expected, 3, axis=2)
+    if channels in (2, 4):
+        expected[1, 1] = 255  # fully transparent over white
+    got = np.asarray(open_rgb(path)).astype(np.int64)
+    assert got.shape == expected.shape
+    assert np.array_equal(got, expected), np.argwhere(got != expected)[:5]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 from PIL import Image
 
 from bench.api.dataset import MultiLabelDataset, as_uint8_rgb
@@ -60,14 +61,52 @@ def missing_images(missing: list[str], folder: Path, source: str) -> DataError:
     return DataError(f"{len(missing)} image file(s) listed in {source} are missing from {folder}: {shown}")
 
 
+#: 16-bit PNG colour types Pillow decodes to 8 bits by keeping each sample's high byte: rawmode ->
+#: (the mode and rawmode that decode the same rows whole, how many 16-bit channels per pixel)
+_PNG_WIDE = {"RGB;16B": ("RGB", "RGB;16L", 3), "RGBA;16B": ("RGBA", "RGBA;16L", 4), "LA;16B": ("I", "I;32B", 2)}
+
+
+def _png_16bit_samples(path: Path, image: Image.Image, tile: object) -> np.ndarray | None:
+    """The uint16 samples [H, W, 3 | 4 | 2] of a 16-bit RGB, RGBA or grey+alpha PNG, else None.
+
+    Pillow has no 16-bit colour mode: it keeps the high byte of each sample (``v >> 8``), where
+    16-bit grey gets the documented ``round(v / 257)``. The same rows are decoded a second time
+    with a rawmode that keeps the low bytes (RGB, RGBA: the little-endian unpacker reads byte 1 of
+    each big-endian sample) or whole 32-bit grey+alpha pixels, so one rule holds for every mode.
+    ``tile``: the image's only decoder tile, read before ``image.load()`` (which clears it).
+    """
+    rawmode = getattr(tile, "args", None) if image.format == "PNG" else None
+    if rawmode not in _PNG_WIDE:
+        return None
+    mode, other, channels = _PNG_WIDE[rawmode]
+    with Image.open(path) as second:
+        second.tile = [second.tile[0]._replace(args=other)]
+        second._mode = mode  # noqa: SLF001 - Pillow's own decoder, asked for the same rows' other bytes
+        second.load()
+        raw = np.asarray(second)
+    if channels == 2:  # whole pixels: grey << 16 | alpha
+        whole = raw.astype(np.uint32)
+        return np.stack([whole >> 16, whole & 0xFFFF], axis=2).astype(np.uint16)
+    high = np.asarray(image, dtype=np.uint16)
+    return high << 8 | raw.astype(np.uint16)
+
+
 def open_rgb(path: Path) -> Image.Image:
     """Decode ``path`` fully as the RGB picture an image viewer shows (EXIF orientation applied,
-    every Pillow mode converted: :func:`bench.api.dataset.as_uint8_rgb`); a file that cannot be
-    decoded raises :class:`UnreadableImage`."""
+    every Pillow mode converted: :func:`bench.api.dataset.as_uint8_rgb`; 16-bit PNGs of every
+    colour type on the one 16-bit scale, ``round(v / 257)``); a file that cannot be decoded raises
+    :class:`UnreadableImage`."""
     try:
         with Image.open(path) as image:
+            tile = image.tile[0] if len(image.tile) == 1 else None
             image.load()  # truncated files fail here (ImageFile.LOAD_TRUNCATED_IMAGES is left False)
-            return Image.fromarray(as_uint8_rgb(image))
+            wide = _png_16bit_samples(path, image, tile)
+            if wide is None:
+                return Image.fromarray(as_uint8_rgb(image))
+            out = Image.fromarray(as_uint8_rgb(wide))
+            if "exif" in image.info:
+                out.info["exif"] = image.info["exif"]
+            return Image.fromarray(as_uint8_rgb(out))  # the EXIF orientation, as for every other image
     except FileNotFoundError:
         raise DataError(f"image file {path} is missing (it was present when the dataset was built)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
