@@ -26,7 +26,11 @@ COMMANDS = ("run", "report", "evaluate")
 
 
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """Comma-separated names; none at all (``--heads ,``) is an error, not "every name"."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expects one or more comma-separated names, got {value!r}")
+    return names
 
 
 def _data_roots(pairs: list[str]) -> dict[str, str]:

@@ -364,3 +364,73 @@ def test_16bit_png_of_every_colour_type_uses_one_scale(tmp_path: Path, color_typ
     got = np.asarray(open_rgb(path)).astype(np.int64)
     assert got.shape == expected.shape
     assert np.array_equal(got, expected), np.argwhere(got != expected)[:5]
+
+
+def test_empty_name_list_is_an_error_not_the_whole_grid(tmp_path: Path, tiny_grid: Path) -> None:
+    from bench.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--grid", str(tiny_grid), "--heads", ",", "--dry-run"])
+    assert info.value.code == 2
+
+
+def test_empty_shard_says_so(tmp_path: Path, tiny_grid: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.cli import main
+
+    tiny_grid.write_text(TINY_GRID.replace('preset = "embedded_cpu"', 'preset = "embedded_cpu"\nprotocol = "finetune"'))
+    assert main(["--grid", str(tiny_grid), "--shard", "3/3", "--results", str(tmp_path / "r")]) == 2
+    text = unwrapped(capsys.readouterr().err)
+    assert "--shard 3/3 is empty" in text and "only 2 families" in text and "use at most 2 shards" in text
+    assert not (tmp_path / "r").exists()
+
+
+def test_batch_larger_than_the_training_split_warns() -> None:
+    import numpy as np
+
+    from bench.data.batched_arrays import ArrayItems, array_loader
+    from bench.data.label_checks import TrainingDataWarning
+
+    items = ArrayItems(np.zeros((5, 2), np.float32), np.zeros((5, 3), np.uint8), np.zeros((5, 3), bool))
+    with pytest.warns(TrainingDataWarning, match=r"batch_size = 6 is larger than the 5 training images: every epoch is one batch"):
+        array_loader(items, batch_size=6, shuffle=True)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        array_loader(items, batch_size=5, shuffle=True)  # exactly one full batch: fine
+        array_loader(items, batch_size=100)  # evaluation: a batch may exceed the split
+
+
+def test_class_without_training_positive_is_named_and_counted() -> None:
+    import numpy as np
+    import pandas as pd
+
+    from bench.data.label_checks import classes_without_positives, no_positive_message
+    from bench.report import model
+
+    targets = np.array([[1, 0, 1], [1, 0, 0], [0, 0, 1]], np.uint8)
+    ignore = np.array([[0, 0, 1], [0, 0, 0], [0, 0, 1]], bool)  # 'c' is positive only where ignored
+    missing = classes_without_positives(["a", "b", "c"], targets, ignore)
+    assert missing == ["b", "c"]
+    assert classes_without_positives(["a", "b", "c"], targets) == ["b"]
+    text = no_positive_message("folder", "train", missing, 3)
+    assert text is not None and "2 of 3 classes" in text and "'b', 'c'" in text and "'train'" in text
+    assert no_positive_message("folder", "train", [], 3) is None
+    line = model.untrained_classes_line(pd.Series({"train_classes_without_positives": 2}))
+    assert line is not None and "2 class(es) have no positive training label" in line
+    assert model.untrained_classes_line(pd.Series({"train_classes_without_positives": 0})) is None
+    assert model.untrained_classes_line(pd.Series({"dataset": "shapes"})) is None  # rows written before the column
+
+
+def test_manifest_path_with_a_leading_space_is_that_file(tmp_path: Path) -> None:
+    from bench.api.registry import build_dataset, dataset_class
+    from bench.core.errors import DataError
+
+    root = tmp_path / "f"
+    dataset_class("folder").write_sample(root)
+    (root / " spaced.jpg").write_bytes((root / "2.jpg").read_bytes())
+    (root / "train.csv").write_text("path,labels\n spaced.jpg,cat\n 2.jpg ,dog\n")
+    assert build_dataset("folder", str(root), "train").image_files == [" spaced.jpg", "2.jpg"]
+    (root / "train.csv").write_text("path,labels\n absent.jpg,cat\n")
+    with pytest.raises(DataError, match=r"train\.csv, line 2: absent\.jpg"):
+        build_dataset("folder", str(root), "train")

@@ -114,10 +114,14 @@ def open_rgb(path: Path) -> Image.Image:
 
 
 def safe_relpath(rel: object, base: Path, where: Callable[[], str]) -> str:
-    """``rel`` normalised, or a DataError when it is not a relative path staying inside ``base``."""
+    """``rel`` normalised, or a DataError when it is not a relative path staying inside ``base``.
+
+    Spaces around the name are dropped (a manifest's ``a.jpg, cat``) unless a file of exactly that
+    name exists: `` a.jpg`` with a leading space is a legal file name."""
     if not isinstance(rel, str) or not rel.strip():
         raise DataError(f"{where()}: image path {rel!r} is empty or not a string")
-    rel = rel.strip()
+    if rel != rel.strip() and not os.path.lexists(base / rel):
+        rel = rel.strip()
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", rel):
         raise DataError(f"{where()}: image path {rel!r} is absolute; paths must be relative to {base} and stay inside it")
     norm = posixpath.normpath(rel)
@@ -173,7 +177,7 @@ def index_images(base: Path, paths: Sequence[str], where: Callable[[int], str]) 
             raise DataError(f"{where(i)}: image path {rel!r} is a symlink resolving outside {base} (to {os.path.realpath(entry.path)})")
         entries.append(entry)
     if missing:
-        shown = "; ".join(f"{where(i)}: {paths[i]}" for i in missing[:5])
+        shown = "; ".join(f"{where(i)}: {paths[i] if paths[i] == paths[i].strip() else repr(paths[i])}" for i in missing[:5])
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise DataError(f"{len(missing)} image file(s) are missing from {base}: {shown}{more}")
     return files_digest(zip(paths, entries))

@@ -556,10 +556,17 @@ def shard_cells(cells: list[Cell], shard: int, count: int) -> list[Cell]:
     A family is a trained cell together with the derived cells that reuse it, so a derived head
     always runs in the launch that trains its source; on a frozen backbone it is the whole head
     group (:func:`head_group_key`), whose heads train in one pass. The order is the grid's expansion order,
-    which is stable, so N launches with shards 1/N .. N/N run every cell exactly once.
+    which is stable, so N launches with shards 1/N .. N/N run every cell exactly once. A shard left
+    empty (N above the number of families) is a :class:`UsageError` that says so.
     """
     families: dict[str, list[Cell]] = {}
     for cell in cells:
         families.setdefault(head_group_key(cell) or cell.source_run_id or cell.run_id, []).append(cell)
     chosen = [family for i, family in enumerate(families.values()) if i % count == shard - 1]
+    if cells and not chosen:
+        raise UsageError(
+            f"--shard {shard}/{count} is empty: these cells form only {len(families)} famil{'y' if len(families) == 1 else 'ies'} "
+            f"(a family trains together: a frozen-backbone head group, or a run with the derived heads that reuse it), "
+            f"so shards {len(families) + 1}..{count} have nothing to run; use at most {len(families)} shards"
+        )
     return [cell for family in chosen for cell in family]

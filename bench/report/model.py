@@ -143,7 +143,16 @@ def _setup_lines(first: pd.Series) -> list[str]:
     ]
     weights = first.get("weights")
     lines.append(f"backbone weights: {'none (from scratch)' if _missing(weights) else f'`{weights}`'}")
-    return lines
+    untrained = untrained_classes_line(first)
+    return lines + ([untrained] if untrained else [])
+
+
+def untrained_classes_line(row: pd.Series) -> str | None:
+    """The setup line saying how many classes had no positive training label (None when none)."""
+    count = row.get("train_classes_without_positives")
+    if _missing(count) or int(count) <= 0:
+        return None
+    return f"**{int(count)} class(es) have no positive training label**: scored, never learned (their test AP measures nothing trained)"
 
 
 def _per_class_data(part: pd.DataFrame, comparisons: Comparisons) -> tuple[plotting.PerClass | None, str]:
