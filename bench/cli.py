@@ -276,6 +276,12 @@ def _check_report_folder(out: Path, what: str) -> None:
     from bench.core.atomic import host_tag
     from bench.results import store as results
 
+    inside = results.internal_folder(out)
+    if inside is not None:
+        raise UsageError(
+            f"{what}: {out} is inside {inside}, a folder of a results directory that holds only the harness's own files "
+            f"(a report there would be read back as damaged results); give another folder, e.g. {inside.parent / 'report'}"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".report-write-test.{host_tag()}.{os.getpid()}.probe000.tmp"  # the temporary-file form: cleaned if left

@@ -434,3 +434,79 @@ def test_manifest_path_with_a_leading_space_is_that_file(tmp_path: Path) -> None
     (root / "train.csv").write_text("path,labels\n absent.jpg,cat\n")
     with pytest.raises(DataError, match=r"train\.csv, line 2: absent\.jpg"):
         build_dataset("folder", str(root), "train")
+
+
+# -- 7. a run without its score file -----------------------------------------------------------------
+
+
+def _holm(p: list[float]) -> list[float]:
+    """Holm's step-down adjustment, written out: sorted ascending, (m - k) p_(k), running max, cap 1."""
+    order = sorted(range(len(p)), key=lambda i: p[i])
+    out, running = [0.0] * len(p), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - k) * p[i]))
+        out[i] = running
+    return out
+
+
+def test_run_without_scores_is_not_ranked_and_keeps_its_place_in_the_holm_family(tmp_path: Path) -> None:
+    import pandas as pd
+    from test_report import md_tables, write_experiment
+
+    from bench.cli import main
+    from bench.results import store
+
+    folder = tmp_path / "r"
+    experiments = [("baseline", {"pool": "avg"}, 0.0), ("baseline", {"pool": "max"}, 0.9)]
+    experiments += [("csra", {"num_heads": 1, "lam": lam}, q) for lam, q in ((0.1, 1.0), (0.2, 0.95), (0.3, 0.3), (0.4, 2.5))]
+    rows = [write_experiment(folder, "shapes", head, hp, q, seed) for head, hp, q in experiments for seed in (0, 1)]
+    gone = [r for r in rows if r["hparams"] == {"num_heads": 1, "lam": 0.4}]  # the best by far
+    store.scores_path(folder, gone[0]["run_id"]).unlink()
+    assert main(["report", "--results", str(folder), "--format", "md", "--resamples", "400"]) == 0
+    table = md_tables((folder / "leaderboard.md").read_text())
+    section = next(t for title, t in table.items() if "shapes" in title)
+    missing_line = section[section["hyper-parameters"].str.contains("λ=0.4")]
+    assert list(missing_line["rank"]) == ["- (no scores)"]
+    assert section.index[section["rank"] == "- (no scores)"][0] == section.index[-1]  # after every ranked line
+    ranked = section[section["rank"] != "- (no scores)"]
+    assert ranked.iloc[0]["rank"] in ("1", "1 (tied)")
+    comparisons = pd.read_parquet(folder / "comparisons.parquet")
+    for kind, intended in (("vs_best", 5), ("vs_reference", 5)):  # 6 lines: the best / the reference excluded
+        part = comparisons[comparisons["comparison"] == kind]
+        assert len(part) == intended - 1  # the run without scores has no record ...
+        assert set(part["family_size"]) == {intended}  # ... but keeps its place in the family
+        expected = _holm([*part["p_value"], 1.0])[:-1]
+        assert part["p_holm"].tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_report_out_inside_runs_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_report import write_experiment
+
+    from bench.cli import main
+
+    folder = tmp_path / "r"
+    write_experiment(folder, "shapes", "baseline", {"pool": "avg"}, 0.0, 0)
+    before = sorted(p.name for p in (folder / "runs").iterdir())
+    for out in (folder / "runs", folder / "runs" / "sub", folder / "scores"):
+        assert main(["report", "--results", str(folder), "--out", str(out), "--format", "md"]) == 2
+        text = unwrapped(capsys.readouterr().err)
+        assert f"--out: {out} is inside" in text and "give another folder" in text
+    assert sorted(p.name for p in (folder / "runs").iterdir()) == before  # nothing written there
+    assert main(["report", "--results", str(folder), "--out", str(folder / "report"), "--format", "md"]) == 0
+
+
+def test_stray_parquet_in_runs_gets_its_own_advice(tmp_path: Path) -> None:
+    import pandas as pd
+    from test_report import write_experiment
+
+    from bench.results import store
+
+    folder = tmp_path / "r"
+    write_experiment(folder, "shapes", "baseline", {"pool": "avg"}, 0.0, 0)
+    pd.DataFrame({"note": ["a", "b"]}).to_parquet(folder / "runs" / "notes.parquet")
+    with pytest.warns(UserWarning) as record:
+        rows = store.load_all(folder)
+    said = [str(w.message) for w in record if "notes.parquet" in str(w.message)]
+    assert len(rows) == 1 and len(said) == 1
+    assert "'notes' is not of the harness's form" in said[0] and "move it out of that folder" in said[0]
+    assert "runs that run again" not in said[0] and "damaged" not in said[0]

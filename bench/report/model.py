@@ -248,7 +248,7 @@ def build(
         finished = in_sections[in_sections["status"] == "finished"]
         first_row = {gid: r for gid, r in finished.groupby(finished["group_id"].fillna(finished["run_id"]) if "group_id" in finished else finished["run_id"])}
         for keys, part in family.groupby(list(SECTION_KEYS), sort=True):
-            part = add_ties(rank_section(part), all_rows, comparisons.store, comparisons.boot, notes)
+            part = add_ties(rank_section(part, comparisons.store), all_rows, comparisons.store, comparisons.boot, notes)
             records += comparison_records(part, reference_label())
             part = part[part["group_id"].isin(shown_groups)].reset_index(drop=True)
             if part.empty:

@@ -208,6 +208,27 @@ def read_row(path: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def internal_folder(path: str | Path) -> Path | None:
+    """The results directory's own folder (``runs/``, ``scores/``, ``weights/``, ``locks/``,
+    ``checkpoints/``) that ``path`` is or lies in, else None: no other file may be written there
+    (a report's ``comparisons.parquet`` in ``runs/`` would be read back as a damaged run)."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        if folder.name in (RUNS, SCORES, WEIGHTS, LOCKS, "checkpoints") and (folder.parent / RUNS).is_dir():
+            return folder
+    return None
+
+
+def _not_a_run_file(path: Path) -> None:
+    """Say once that ``runs/`` holds a file whose name is not a run id (a note, a report's output)."""
+    _warn_once(
+        f"{path}\0name",
+        f"ignoring {path}: its name {path.stem!r} is not of the harness's form (a run id: 16 lowercase hexadecimal "
+        "digits), so it is no run's result file and no launch replaces it; runs/ holds only the harness's "
+        "<run_id>.parquet files: move it out of that folder",
+    )
+
+
 def load_all(*results_dirs: str | Path) -> pd.DataFrame:
     """Every row of every results directory, one row per run id (the newest wins on a clash).
 
@@ -217,6 +238,9 @@ def load_all(*results_dirs: str | Path) -> pd.DataFrame:
     rows = []
     for folder in results_dirs:
         for path in sorted((Path(folder) / RUNS).glob("*.parquet")):
+            if not is_run_id(path.stem):
+                _not_a_run_file(path)
+                continue
             row = read_row(path)
             if row is not None:
                 rows.append(row)
