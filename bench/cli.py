@@ -75,6 +75,7 @@ def _report_parser() -> argparse.ArgumentParser:
         "them to reach p < 0.05: 5000 for 55 configurations]",
     )
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling [0]")
+    p.add_argument("--wide", action="store_true", help="console: every column (default: the main ones, fitted to the terminal)")
     return p
 
 
@@ -257,6 +258,7 @@ def cmd_report(argv: list[str]) -> int:
             heads=flat(args.head),
             n_resamples=args.resamples,
             seed=args.bootstrap_seed,
+            wide=args.wide,
         )
     except OSError as exc:  # the folder filled up or changed while the report was written
         raise UsageError(f"cannot write the report into {out}: {_os_reason(exc)}") from None

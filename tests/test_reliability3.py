@@ -510,3 +510,48 @@ def test_stray_parquet_in_runs_gets_its_own_advice(tmp_path: Path) -> None:
     assert len(rows) == 1 and len(said) == 1
     assert "'notes' is not of the harness's form" in said[0] and "move it out of that folder" in said[0]
     assert "runs that run again" not in said[0] and "damaged" not in said[0]
+
+
+# -- for people reading the output: the console fits the terminal ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_report import make_results
+
+    folder = tmp_path_factory.mktemp("results")
+    make_results(folder, datasets=("shapes",), seeds=(0, 1))
+    return folder
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_console_leaderboard_fits_the_terminal(shapes_results: Path, width: int) -> None:
+    import re
+
+    from rich.console import Console
+
+    from bench import report
+
+    console = Console(width=width, record=True, force_terminal=True, color_system=None)
+    report.build_report([shapes_results], formats=["console"], console=console, n_resamples=100)
+    text = console.export_text()
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= width
+    section = lines[next(i for i, line in enumerate(lines) if line.startswith("shapes · tiny_cnn")):]
+    header = next(line for line in section if " rank " in line)
+    assert "mAP" in header and "p (Holm)" in header and "CF1" not in header  # the compact set, whole
+    body = "\n".join(section)
+    assert len(re.findall(r"\d+\.\d\d ± \d+\.\d\d", body)) == 11  # every mAP on one line, none cut
+    if width >= 120:
+        assert len(re.findall(r"[+-]\d+\.\d\d \[[+-]\d+\.\d\d, [+-]\d+\.\d\d\]", body)) == 10  # Δ with its interval
+    assert "leaderboard.md and report.html" in text
+
+
+def test_console_wide_shows_every_column(shapes_results: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.cli import main
+
+    assert main(["report", "--results", str(shapes_results), "--format", "console", "--wide", "--resamples", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "CF1" in out and "train img/s" in out
+    assert main(["report", "--results", str(shapes_results), "--format", "console", "--resamples", "100"]) == 0
+    assert "CF1" not in capsys.readouterr().out
