@@ -555,3 +555,37 @@ def test_console_wide_shows_every_column(shapes_results: Path, capsys: pytest.Ca
     assert "CF1" in out and "train img/s" in out
     assert main(["report", "--results", str(shapes_results), "--format", "console", "--resamples", "100"]) == 0
     assert "CF1" not in capsys.readouterr().out
+
+
+# -- for people reading the output: every path the docs and the report name exists --------------------
+
+PATH_IN_TEXT = r"(?<![\w./<-])((?:bench|docs|heads|datasets|configs|tests)/[\w./-]*\w\.(?:py|md|toml|txt|json))"
+
+
+def _dangling(text: str) -> list[str]:
+    import re
+
+    from conftest import ROOT
+
+    placeholder = re.compile(r"/[A-Z_]+\.")  # configs/NAME.toml: a name to fill in, not a file
+    return sorted({p for p in re.findall(PATH_IN_TEXT, text) if not placeholder.search(p) and not (ROOT / p).exists()})
+
+
+def test_every_path_the_docs_and_sources_name_exists() -> None:
+    from conftest import ROOT
+
+    files = [ROOT / "README.md", ROOT / "Makefile", *(ROOT / "docs").glob("*.md")]
+    for folder in ("bench", "heads", "datasets", "configs"):
+        files += [p for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".toml")]
+    dangling = {str(f.relative_to(ROOT)): d for f in files if (d := _dangling(f.read_text(encoding="utf-8")))}
+    assert not dangling, dangling
+    assert _dangling("see `bench/backbones.py` and docs/report.md") == ["bench/backbones.py"]  # the check can fail
+
+
+def test_every_path_the_report_prints_exists(shapes_results: Path) -> None:
+    from bench.cli import main
+
+    assert main(["report", "--results", str(shapes_results), "--format", "md", "--resamples", "100"]) == 0
+    text = (shapes_results / "leaderboard.md").read_text()
+    assert "bench/models/backbones.py" in text
+    assert _dangling(text) == []

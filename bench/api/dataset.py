@@ -57,7 +57,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     def write_sample(cls, root: Path) -> dict[str, Any]:
         """Write a TINY sample of this dataset in its own on-disk layout under ``root`` (a few
         images per split, every split of :attr:`splits` the grids use) and return the options that
-        read it. The contract test (``tests/test_dataset_contract.py``) builds every registered
+        read it. The contract test (``tests/test_plugin_contract.py``) builds every registered
         dataset from it, so a dataset dropped into ``datasets/`` is tested with no test edit."""
         raise NotImplementedError(f"{cls.__name__} declares no write_sample(root) for the dataset contract test")
 
