@@ -17,6 +17,38 @@ def unwrapped(text: str) -> str:
     return " ".join(text.split())
 
 
+CALLS = """
+import contextlib, io, json, sys, warnings
+from bench.cli import main
+out = []
+for argv in json.loads(sys.argv[1]):
+    o, e = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+        warnings.showwarning = lambda m, c, f, l, file=None, line=None: print(f"warning: {m}", file=sys.stderr)
+        try:
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code
+    out.append([code, o.getvalue(), e.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def _cli_calls(env: dict[str, str], *argvs: list[str]) -> list[tuple[int, str, str]]:
+    """Several command lines run by ``bench.cli.main`` in ONE fresh process (a plugin folder in
+    ``env`` is loaded once, as in one launch): (exit status, stdout, stderr) of each."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", CALLS, json.dumps(argvs)], cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [tuple(call) for call in json.loads(done.stdout.splitlines()[-1])]
+
+
 def _plugin(folder: Path, name: str, body: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.py"
@@ -58,37 +90,41 @@ def test_runtime_error_in_one_sweep_value_is_a_usage_error_naming_it(tmp_path: P
 
 
 def test_plugin_calling_sys_exit_at_import_silences_nothing(tmp_path: Path, tiny_grid: Path) -> None:
+    from test_report import write_experiment
+
     heads = tmp_path / "heads"
     _plugin(heads, "quitter", "import sys\nsys.exit(3)\n")
-    env = {"HEADBENCH_HEADS_PATH": str(heads)}
-    listed = run_cli("--list", env=env)
-    assert listed.returncode == 2
-    assert "baseline(" in listed.stdout and "quitter.py failed to import: it called sys.exit(3) at import" in unwrapped(listed.stderr)
-    tiny_grid.write_text(TINY_GRID.replace('pool = ["avg", "max"]', 'pool = "avg"'))
-    launch = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path / "r"), env=env)
-    assert launch.returncode == 0, launch.stderr[-2000:]
-    assert "1 trained" in unwrapped(launch.stdout) and "quitter.py failed to import" in unwrapped(launch.stderr)
-    report = run_cli("report", "--results", str(tmp_path / "r"), "--format", "console", env=env)
-    assert report.returncode == 0 and "baseline" in report.stdout and "quitter.py failed to import" in unwrapped(report.stderr)
+    write_experiment(tmp_path / "r", "shapes", "baseline", {"pool": "avg"}, 0.0, 0)
+    launch, listed, report = _cli_calls(
+        {"HEADBENCH_HEADS_PATH": str(heads)},
+        ["--grid", str(tiny_grid), "--dry-run"],
+        ["--list"],
+        ["report", "--results", str(tmp_path / "r"), "--format", "console", "--resamples", "20"],
+    )
+    assert launch[0] == 0, launch[2][-2000:]
+    assert "every dataset, backbone and head of these cells builds" in unwrapped(launch[1])
+    assert "quitter.py failed to import: it called sys.exit(3) at import" in unwrapped(launch[2])  # said once, at the first load
+    assert listed[0] == 2 and "baseline(" in listed[1] and "quitter.py failed to import: it called sys.exit(3)" in unwrapped(listed[2])
+    assert report[0] == 0 and "baseline" in report[1]
 
 
 def test_broken_plugin_blocks_only_the_grids_that_use_it(tmp_path: Path, tiny_grid: Path) -> None:
     heads = tmp_path / "heads"
     _plugin(heads, "aaa_broken", textwrap.dedent(GOOD_HEAD.format(name="wobbly", init="pass")) + "\nraise RuntimeError('half-written plugin')\n")
-    env = {"HEADBENCH_HEADS_PATH": str(heads)}
-    unrelated = run_cli("--grid", str(tiny_grid), "--dry-run", env=env)
-    assert unrelated.returncode == 0, unrelated.stderr[-2000:]
-    assert "aaa_broken.py failed to import: RuntimeError: half-written plugin" in unwrapped(unrelated.stderr)
-    grid = tmp_path / "uses.toml"
-    grid.write_text(TINY_GRID + '[[heads]]\nname = "wobbly"\n')
-    used = run_cli("--grid", str(grid), "--dry-run", env=env)
-    text = unwrapped(used.stderr)
-    assert used.returncode == 2 and "Traceback" not in used.stderr
-    assert "[[heads]] 2 (wobbly)" in text and "unknown head 'wobbly'" in text and "aaa_broken.py failed to import" in text
+    uses = tmp_path / "uses.toml"
+    uses.write_text(TINY_GRID + '[[heads]]\nname = "wobbly"\n')
     every = tmp_path / "every.toml"
     every.write_text(TINY_GRID.replace('name = "baseline"\npool = ["avg", "max"]', 'name = "*"'))
-    star = run_cli("--grid", str(every), "--dry-run", env=env)
-    assert star.returncode == 2 and '[[heads]] 1 ("*")' in unwrapped(star.stderr) and "aaa_broken.py" in star.stderr
+    unrelated, used, star = _cli_calls(
+        {"HEADBENCH_HEADS_PATH": str(heads)},
+        ["--grid", str(tiny_grid), "--dry-run"], ["--grid", str(uses), "--dry-run"], ["--grid", str(every), "--dry-run"],
+    )
+    assert unrelated[0] == 0, unrelated[2][-2000:]
+    assert "aaa_broken.py failed to import: RuntimeError: half-written plugin" in unwrapped(unrelated[2])
+    text = unwrapped(used[2])
+    assert used[0] == 2 and "Traceback" not in used[2]
+    assert "[[heads]] 2 (wobbly)" in text and "unknown head 'wobbly'" in text and "aaa_broken.py failed to import" in text
+    assert star[0] == 2 and '[[heads]] 1 ("*")' in unwrapped(star[2]) and "aaa_broken.py" in star[2]
 
 
 def test_head_named_like_the_wildcard_is_refused(tmp_path: Path, tiny_grid: Path) -> None:
@@ -153,26 +189,32 @@ def test_env_number_is_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, 
     assert RunLock(tmp_path / "r", "0123456789abcdef").stale_after == 120.0
 
 
-def test_bad_lock_env_is_exit_2_before_training(tmp_path: Path, tiny_grid: Path) -> None:
-    result = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path / "r"), env={"HEADBENCH_LOCK_STALE_S": "abc"})
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "$HEADBENCH_LOCK_STALE_S = 'abc'" in unwrapped(result.stderr)
+def test_bad_lock_env_is_exit_2_before_training(tmp_path: Path, tiny_grid: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.cli import main
+
+    monkeypatch.setenv("HEADBENCH_LOCK_STALE_S", "abc")
+    assert main(["--grid", str(tiny_grid), "--results", str(tmp_path / "r")]) == 2
+    assert "$HEADBENCH_LOCK_STALE_S = 'abc'" in unwrapped(capsys.readouterr().err)
     assert not list((tmp_path / "r").rglob("*.parquet"))
 
 
 # -- 7. locks and results files ---------------------------------------------------------------------
 
 
-def test_lock_that_is_a_folder_is_named_not_a_traceback(tmp_path: Path, tiny_grid: Path) -> None:
+def test_lock_that_is_a_folder_is_named_not_a_traceback(tmp_path: Path, tiny_grid: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.cli import main
     from bench.config.grid import load_grid
+    from bench.core.errors import UsageError
+    from bench.results.locks import RunLock
 
     run_id = load_grid(str(tiny_grid)).cells[0].run_id
     (tmp_path / "r" / "locks" / f"{run_id}.lock").mkdir(parents=True)
     (tmp_path / "r" / "locks" / f"{run_id}.lock" / "keep.txt").write_text("the user's")
-    result = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path / "r"))
-    text = unwrapped(result.stderr)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert main(["--grid", str(tiny_grid), "--results", str(tmp_path / "r")]) == 2
+    text = unwrapped(capsys.readouterr().err)
     assert f"{run_id}.lock" in text and "not plain files" in text
+    with pytest.raises(UsageError, match="is not a plain file"):  # the lock itself, whoever asks
+        RunLock(tmp_path / "r", run_id).acquire()
     assert (tmp_path / "r" / "locks" / f"{run_id}.lock" / "keep.txt").read_text() == "the user's"  # never deleted
 
 
@@ -219,18 +261,18 @@ def _small_filesystem(folder: Path, size: str) -> bool:
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode == 0
 
 
-def test_full_disk_launch_is_exit_2_and_the_rerun_the_same(tmp_path: Path, tiny_grid: Path) -> None:
+def test_full_disk_launch_is_exit_2_and_the_rerun_the_same(tmp_path: Path, tiny_grid: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import subprocess
+
+    from bench.cli import main
 
     small = tmp_path / "small"
     if not _small_filesystem(small, "1m"):
         pytest.skip("mounting a 1 MiB tmpfs needs root")
     try:
         for attempt in range(2):
-            result = run_cli("--grid", str(tiny_grid), "--results", str(small / "results"))
-            text = unwrapped(result.stderr)
-            assert result.returncode == 2, (attempt, result.stderr[-2000:])
-            assert "Traceback" not in result.stderr
+            assert main(["--grid", str(tiny_grid), "--results", str(small / "results")]) == 2, attempt
+            text = unwrapped(capsys.readouterr().err)
             assert f"no space left in {small / 'results'}" in text and "16.0 MiB is needed" in text
             assert not [p for p in small.rglob("*") if p.is_file()], attempt  # nothing written, no lock
     finally:
@@ -288,15 +330,16 @@ def test_folder_data_is_part_of_the_run_identity(tmp_path: Path) -> None:
     assert all("data" not in c.config()["dataset"] for c in load_grid("smoke").cells)
 
 
-def test_folder_a_then_b_into_one_results_dir_trains_b(tmp_path: Path) -> None:
+def test_folder_a_then_b_into_one_results_dir_trains_b(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = _folder(tmp_path / "A", "cat"), _folder(tmp_path / "B", "dog")
     grid = tmp_path / "f.toml"
     grid.write_text(FOLDER_GRID)
     results = tmp_path / "r"
+    from bench.cli import main
+
     for root in (a, b):
-        out = run_cli("--grid", str(grid), "--results", str(results), "--data-root", f"folder={root}")
-        assert out.returncode == 0, out.stderr[-2000:]
-        assert "1 trained, 0 already done" in unwrapped(out.stdout)
+        assert main(["--grid", str(grid), "--results", str(results), "--data-root", f"folder={root}"]) == 0
+        assert "1 trained, 0 already done" in unwrapped(capsys.readouterr().out)
     assert len(list((results / "runs").glob("*.parquet"))) == 2
 
 
