@@ -414,6 +414,12 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str |
         return cls(root, split, **options)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"dataset {name!r} ({source_file(cls)}): {exc}") from exc
+    except UsageError:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's bug or an option it cannot honour (MemoryError)
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "its default options"
+        what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        raise UsageError(f"dataset {name!r} ({source_file(cls)}) failed to build split {split!r} with {given}: {what}") from None
 
 
 def build_backbone(name: str, weights: str | None = None) -> Any:

@@ -64,6 +64,8 @@ from bench.core.paths import PROJECT_ROOT
 CONFIG_DIR = PROJECT_ROOT / "configs"
 #: seeds feed numpy's and torch's generators, which take 32-bit unsigned integers
 MAX_SEED = 2**32 - 1
+#: the largest integer any setting may take (numpy and torch hold integers as int64)
+MAX_INT64 = 2**63 - 1
 TOP_KEYS = ("description", "seeds", "recipe", "datasets", "backbones", "heads", "run")
 DATASET_KEYS = ("name", "root", "train_split", "test_split")
 BACKBONE_KEYS = ("name", "weights")
@@ -191,6 +193,8 @@ def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
     a NaN or infinite number (TOML ``nan``, ``inf``) is never a valid setting."""
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{where}: {key!r} = {value!r} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT64:
+        raise UsageError(f"{where}: {key!r} = {value!r} is out of range; an integer setting lies within +-{MAX_INT64} (int64)")
     if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
