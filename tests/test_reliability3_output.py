@@ -71,6 +71,9 @@ def test_report_out_inside_runs_is_refused(tmp_path: Path, capsys: pytest.Captur
         assert f"--out: {out} is inside" in text and "give another folder" in text
     assert sorted(p.name for p in (folder / "runs").iterdir()) == before  # nothing written there
     assert main(["report", "--results", str(folder), "--out", str(folder / "report"), "--format", "md"]) == 0
+    named_runs = tmp_path / "runs"  # a results directory that is itself named runs/ is fine
+    write_experiment(named_runs, "shapes", "baseline", {"pool": "avg"}, 0.0, 0)
+    assert main(["report", "--results", str(named_runs), "--format", "md"]) == 0
 
 
 def test_stray_parquet_in_runs_gets_its_own_advice(tmp_path: Path) -> None:

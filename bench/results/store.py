@@ -214,7 +214,8 @@ def internal_folder(path: str | Path) -> Path | None:
     (a report's ``comparisons.parquet`` in ``runs/`` would be read back as a damaged run)."""
     path = Path(path).resolve()
     for folder in (path, *path.parents):
-        if folder.name in (RUNS, SCORES, WEIGHTS, LOCKS, "checkpoints") and (folder.parent / RUNS).is_dir():
+        # a results directory that happens to be named runs/ (it holds its own runs/) is not one
+        if folder.name in (RUNS, SCORES, WEIGHTS, LOCKS, "checkpoints") and (folder.parent / RUNS).is_dir() and not (folder / RUNS).is_dir():
             return folder
     return None
 
