@@ -26,7 +26,11 @@ COMMANDS = ("run", "report", "evaluate")
 
 
 def _csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+    """Comma-separated names; none at all (``--heads ,``) is an error, not "every name"."""
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expects one or more comma-separated names, got {value!r}")
+    return names
 
 
 def _data_roots(pairs: list[str]) -> dict[str, str]:
@@ -71,6 +75,7 @@ def _report_parser() -> argparse.ArgumentParser:
         "them to reach p < 0.05: 5000 for 55 configurations]",
     )
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the bootstrap resampling [0]")
+    p.add_argument("--wide", action="store_true", help="console: every column (default: the main ones, fitted to the terminal)")
     return p
 
 
@@ -99,14 +104,22 @@ def _make_accelerator(mixed_precision: str = "no"):
     )
 
 
-def _list(console: Console) -> None:
-    from bench.api.registry import head_hparams, list_backbones, list_datasets, list_heads
+def _list(console: Console) -> int:
+    """Print what is registered; exit status 2 (after the list) when a plugin file failed to import."""
+    from bench.api.registry import broken_plugins, head_hparams, list_backbones, list_datasets, list_heads
     from bench.config.grid import CONFIG_DIR
 
-    console.print("[bold]heads[/bold]: " + ", ".join(f"{h}({', '.join(head_hparams(h))})" for h in list_heads()))
-    console.print("[bold]datasets[/bold]: " + ", ".join(list_datasets()))
+    with warnings.catch_warnings():  # the broken files are listed below, once
+        warnings.simplefilter("ignore")
+        heads, datasets = list_heads(), list_datasets()
+    console.print("[bold]heads[/bold]: " + ", ".join(f"{h}({', '.join(head_hparams(h))})" for h in heads))
+    console.print("[bold]datasets[/bold]: " + ", ".join(datasets))
     console.print("[bold]backbones[/bold]: " + ", ".join(list_backbones()))
     console.print("[bold]grids[/bold]: " + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml") if p.stem != "recipes")))
+    broken = [*broken_plugins("head").values(), *broken_plugins("dataset").values()]
+    for text in broken:
+        print(f"error: {text}", file=sys.stderr)
+    return 2 if broken else 0
 
 
 def _print_plan(grid, console: Console) -> None:
@@ -130,8 +143,7 @@ def cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     console = Console(stderr=False)
     if args.list:
-        _list(console)
-        return 0
+        return _list(console)
     from bench.config.grid import load_grid
 
     grid = load_grid(args.grid, heads=args.heads, datasets=args.datasets, backbones=args.backbones, data_roots=_data_roots(args.data_root))
@@ -251,6 +263,7 @@ def cmd_report(argv: list[str]) -> int:
             heads=flat(args.head),
             n_resamples=args.resamples,
             seed=args.bootstrap_seed,
+            wide=args.wide,
         )
     except OSError as exc:  # the folder filled up or changed while the report was written
         raise UsageError(f"cannot write the report into {out}: {_os_reason(exc)}") from None
@@ -270,6 +283,12 @@ def _check_report_folder(out: Path, what: str) -> None:
     from bench.core.atomic import host_tag
     from bench.results import store as results
 
+    inside = results.internal_folder(out)
+    if inside is not None:
+        raise UsageError(
+            f"{what}: {out} is inside {inside}, a folder of a results directory that holds only the harness's own files "
+            f"(a report there would be read back as damaged results); give another folder, e.g. {inside.parent / 'report'}"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".report-write-test.{host_tag()}.{os.getpid()}.probe000.tmp"  # the temporary-file form: cleaned if left

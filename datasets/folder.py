@@ -49,7 +49,9 @@ construction, one ``os.scandir`` per folder). An image that exists but cannot be
 :class:`bench.api.dataset.UnreadableImage` from :meth:`load_image` (skipped and counted by the cache).
 
 ``fingerprint()``: the manifest's size and mtime and a digest of the split's image files' (path,
-size, mtime).
+size, mtime). ``data_in_identity``: the train and test splits' labelled samples and image sizes
+(``data_identity()``) are part of every run's id, so ``--data-root folder=A`` and ``folder=B``
+holding different data are different runs (a copy of the same data is the same run).
 """
 
 from __future__ import annotations
@@ -191,6 +193,7 @@ class FolderDataset(ImageFileDataset):
     train_split = "train"
     test_split = "test"
     expected_layout = EXPECTED_LAYOUT
+    data_in_identity = True  # your own folder: other data under another root is another run
 
     @classmethod
     def write_sample(cls, root: Path) -> dict[str, Any]:

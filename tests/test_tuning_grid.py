@@ -136,13 +136,17 @@ def test_a_shard_never_splits_a_tune_group(tmp_path: Path, frozen: bool) -> None
     recipe = 'protocol = "frozen"\naugment = "none"' if frozen else ""
     grid = load_grid(str(grid_file(tmp_path, tune=TUNE + "refit = true", recipe=recipe)))
     cells = grid.cells + grid.refits
-    shards = [shard_cells(cells, k, 3) for k in (1, 2, 3)]
+    count = 2 if frozen else 3  # frozen: one family per seed (an empty shard is a usage error)
+    shards = [shard_cells(cells, k, count) for k in range(1, count + 1)]
     assert sorted(c.run_id for s in shards for c in s) == sorted(c.run_id for c in cells)
     owner = {}
     for k, shard in enumerate(shards):
         for cell in shard:
             assert owner.setdefault(cell.tune_group, k) == k, "a tune group (points and refit) is split across shards"
-    assert sum(1 for s in shards if s) == (2 if frozen else 3)  # frozen: one family per seed
+    assert all(shards)
+    if frozen:
+        with pytest.raises(UsageError, match="is empty"):
+            shard_cells(cells, 3, 3)
 
 
 def test_refit_cells_depend_on_their_group_and_train_the_chosen_point_on_all_training_images(tmp_path: Path) -> None:

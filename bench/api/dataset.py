@@ -13,12 +13,19 @@ A dataset plugin (a file in ``datasets/``) subclasses :class:`MultiLabelDataset`
 - ``load_image(i)``: the i-th image as an RGB ``PIL.Image`` or a uint8 array [H, W, 3];
 - ``fingerprint()``: a string that changes whenever the source files change (cache key).
 
+A dataset whose identity is its folder (the user's own data: ``data_in_identity = True``) also
+gives :meth:`MultiLabelDataset.data_identity`, a digest of its labelled samples that joins each run's
+identity (``run_id``), so two folders of different data are different runs. A published dataset
+(VOC, COCO) leaves it False: its root is only where a copy lives, and its run ids do not change.
+
 Items are ``(image, target, ignore)`` with ``image`` a float tensor [3, H, W] in [0, 1] at the
 image's native size; the harness's loaders resize, cache and augment (``bench.data.image_cache``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,12 +53,15 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     needs_root: ClassVar[bool] = False
     #: options :meth:`describe_options` puts in words (the report lists the others as key=value)
     described_options: ClassVar[tuple[str, ...]] = ()
+    #: True when what the data IS depends on the root (the user's own folder): the train and test
+    #: splits' :meth:`data_identity` then join each run's id (bench.config.grid)
+    data_in_identity: ClassVar[bool] = False
 
     @classmethod
     def write_sample(cls, root: Path) -> dict[str, Any]:
         """Write a TINY sample of this dataset in its own on-disk layout under ``root`` (a few
         images per split, every split of :attr:`splits` the grids use) and return the options that
-        read it. The contract test (``tests/test_dataset_contract.py``) builds every registered
+        read it. The contract test (``tests/test_plugin_contract.py``) builds every registered
         dataset from it, so a dataset dropped into ``datasets/`` is tested with no test edit."""
         raise NotImplementedError(f"{cls.__name__} declares no write_sample(root) for the dataset contract test")
 
@@ -89,6 +99,15 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     def image_id(self, index: int) -> str:
         """A human-readable id of image ``index`` (file name), used in warnings and score files."""
         return str(index)
+
+    def data_identity(self) -> str:
+        """A digest of what this split holds: the class list, each sample's id, its labels
+        ([N, C] targets and ignore). Not file times: a copy of the same data is the same data."""
+        digest = hashlib.sha256(json.dumps([self.split, list(self.classes)]).encode())
+        digest.update("\0".join(self.image_id(i) for i in range(len(self))).encode())
+        digest.update(np.ascontiguousarray(self.targets, dtype=np.uint8).tobytes())
+        digest.update(np.ascontiguousarray(self.ignore, dtype=bool).tobytes())
+        return digest.hexdigest()[:16]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         image = np.array(as_uint8_rgb(self.load_image(index)))  # a writable copy for torch

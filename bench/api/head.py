@@ -46,6 +46,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
+import torch
 from torch import nn
 
 from bench.core.errors import UsageError, choices
@@ -230,8 +231,9 @@ def check_hparam_values(cls: type, hparams: dict[str, Any], label: str) -> dict[
         spec = specs[key]
         try:
             out[key] = coerce_value(spec.annotation, value)
-        except TypeError:
-            raise UsageError(f"{label}: hyper-parameter {key!r} = {value!r} is not allowed; expected {spec.describe()}") from None
+        except TypeError as exc:
+            detail = f" ({exc})" if isinstance(exc, OutOfRange) else ""
+            raise UsageError(f"{label}: hyper-parameter {key!r} = {value!r} is not allowed; expected {spec.describe()}{detail}") from None
     return out
 
 
@@ -255,6 +257,17 @@ def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Literal:
         return f"one of {choices(get_args(annotation))}"
     return getattr(annotation, "__name__", str(annotation))
+
+
+class OutOfRange(TypeError):
+    """A number of the right type outside the range a hyper-parameter may take."""
+
+
+#: the largest magnitude of a float hyper-parameter: float32's range (a head computes in float32:
+#: a larger value is infinite in the model and fails every run)
+MAX_FLOAT = float(torch.finfo(torch.float32).max)
+#: the largest magnitude of an int hyper-parameter (sizes and counts: 2^31 - 1)
+MAX_INT = 2**31 - 1
 
 
 def coerce_value(annotation: Any, value: Any) -> Any:
@@ -292,12 +305,14 @@ def coerce_value(annotation: Any, value: Any) -> Any:
         raise TypeError("expected a bool (true or false)")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:
+                raise OutOfRange(f"expected an int within +-{MAX_INT} (2^31 - 1)")
             return value
         raise TypeError("expected an int")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise TypeError("expected a finite number")
+            if not math.isfinite(float(value)) or abs(float(value)) > MAX_FLOAT:
+                raise OutOfRange(f"expected a finite number within +-{MAX_FLOAT:g} (the model computes in float32)")
             return float(value)
         raise TypeError("expected a number")
     if isinstance(annotation, type):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 from PIL import Image
 
 from bench.api.dataset import MultiLabelDataset, as_uint8_rgb
@@ -60,14 +61,52 @@ def missing_images(missing: list[str], folder: Path, source: str) -> DataError:
     return DataError(f"{len(missing)} image file(s) listed in {source} are missing from {folder}: {shown}")
 
 
+#: 16-bit PNG colour types Pillow decodes to 8 bits by keeping each sample's high byte: rawmode ->
+#: (the mode and rawmode that decode the same rows whole, how many 16-bit channels per pixel)
+_PNG_WIDE = {"RGB;16B": ("RGB", "RGB;16L", 3), "RGBA;16B": ("RGBA", "RGBA;16L", 4), "LA;16B": ("I", "I;32B", 2)}
+
+
+def _png_16bit_samples(path: Path, image: Image.Image, tile: object) -> np.ndarray | None:
+    """The uint16 samples [H, W, 3 | 4 | 2] of a 16-bit RGB, RGBA or grey+alpha PNG, else None.
+
+    Pillow has no 16-bit colour mode: it keeps the high byte of each sample (``v >> 8``), where
+    16-bit grey gets the documented ``round(v / 257)``. The same rows are decoded a second time
+    with a rawmode that keeps the low bytes (RGB, RGBA: the little-endian unpacker reads byte 1 of
+    each big-endian sample) or whole 32-bit grey+alpha pixels, so one rule holds for every mode.
+    ``tile``: the image's only decoder tile, read before ``image.load()`` (which clears it).
+    """
+    rawmode = getattr(tile, "args", None) if image.format == "PNG" else None
+    if rawmode not in _PNG_WIDE:
+        return None
+    mode, other, channels = _PNG_WIDE[rawmode]
+    with Image.open(path) as second:
+        second.tile = [second.tile[0]._replace(args=other)]
+        second._mode = mode  # noqa: SLF001 - Pillow's own decoder, asked for the same rows' other bytes
+        second.load()
+        raw = np.asarray(second)
+    if channels == 2:  # whole pixels: grey << 16 | alpha
+        whole = raw.astype(np.uint32)
+        return np.stack([whole >> 16, whole & 0xFFFF], axis=2).astype(np.uint16)
+    high = np.asarray(image, dtype=np.uint16)
+    return high << 8 | raw.astype(np.uint16)
+
+
 def open_rgb(path: Path) -> Image.Image:
     """Decode ``path`` fully as the RGB picture an image viewer shows (EXIF orientation applied,
-    every Pillow mode converted: :func:`bench.api.dataset.as_uint8_rgb`); a file that cannot be
-    decoded raises :class:`UnreadableImage`."""
+    every Pillow mode converted: :func:`bench.api.dataset.as_uint8_rgb`; 16-bit PNGs of every
+    colour type on the one 16-bit scale, ``round(v / 257)``); a file that cannot be decoded raises
+    :class:`UnreadableImage`."""
     try:
         with Image.open(path) as image:
+            tile = image.tile[0] if len(image.tile) == 1 else None
             image.load()  # truncated files fail here (ImageFile.LOAD_TRUNCATED_IMAGES is left False)
-            return Image.fromarray(as_uint8_rgb(image))
+            wide = _png_16bit_samples(path, image, tile)
+            if wide is None:
+                return Image.fromarray(as_uint8_rgb(image))
+            out = Image.fromarray(as_uint8_rgb(wide))
+            if "exif" in image.info:
+                out.info["exif"] = image.info["exif"]
+            return Image.fromarray(as_uint8_rgb(out))  # the EXIF orientation, as for every other image
     except FileNotFoundError:
         raise DataError(f"image file {path} is missing (it was present when the dataset was built)") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -75,10 +114,14 @@ def open_rgb(path: Path) -> Image.Image:
 
 
 def safe_relpath(rel: object, base: Path, where: Callable[[], str]) -> str:
-    """``rel`` normalised, or a DataError when it is not a relative path staying inside ``base``."""
+    """``rel`` normalised, or a DataError when it is not a relative path staying inside ``base``.
+
+    Spaces around the name are dropped (a manifest's ``a.jpg, cat``) unless a file of exactly that
+    name exists: `` a.jpg`` with a leading space is a legal file name."""
     if not isinstance(rel, str) or not rel.strip():
         raise DataError(f"{where()}: image path {rel!r} is empty or not a string")
-    rel = rel.strip()
+    if rel != rel.strip() and not os.path.lexists(base / rel):
+        rel = rel.strip()
     if os.path.isabs(rel) or rel.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", rel):
         raise DataError(f"{where()}: image path {rel!r} is absolute; paths must be relative to {base} and stay inside it")
     norm = posixpath.normpath(rel)
@@ -134,7 +177,7 @@ def index_images(base: Path, paths: Sequence[str], where: Callable[[int], str]) 
             raise DataError(f"{where(i)}: image path {rel!r} is a symlink resolving outside {base} (to {os.path.realpath(entry.path)})")
         entries.append(entry)
     if missing:
-        shown = "; ".join(f"{where(i)}: {paths[i]}" for i in missing[:5])
+        shown = "; ".join(f"{where(i)}: {paths[i] if paths[i] == paths[i].strip() else repr(paths[i])}" for i in missing[:5])
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise DataError(f"{len(missing)} image file(s) are missing from {base}: {shown}{more}")
     return files_digest(zip(paths, entries))
@@ -181,3 +224,14 @@ class ImageFileDataset(MultiLabelDataset):
 
     def image_id(self, index: int) -> str:
         return self.image_files[index]
+
+    def data_identity(self) -> str:
+        """The labelled samples (:meth:`MultiLabelDataset.data_identity`) and each image file's size,
+        so the same manifest over other pictures (resized, re-encoded) is other data."""
+        digest = hashlib.sha256(super().data_identity().encode())
+        for name in self.image_files:
+            try:
+                digest.update(f"{os.stat(self.image_dir / name).st_size}\n".encode())
+            except OSError:
+                raise DataError(f"image file {self.image_dir / name} is missing (it was present when the dataset was built)") from None
+        return digest.hexdigest()[:16]

@@ -14,6 +14,14 @@ backbone *family* (``timm:<model>``) is a name prefix with its own builder and n
 Errors keep one quality everywhere: a duplicate name names both files, an unknown name lists the
 registered ones, an unknown or ill-typed hyper-parameter names the plugin's file and the valid
 names (see :mod:`bench.api.head` for the head contract).
+
+A plugin file that fails to import (any exception, ``sys.exit`` included, or a registration the
+registry refuses) does not stop the others: it is kept in :meth:`Registry.broken`, said once as a
+:class:`BrokenPluginWarning`, and named again wherever it matters -- looking up a name that is not
+registered, or a grid's ``name = "*"``, which cannot mean "every head" while one does not load.
+A registered name may not hold a character the command line and grids give a meaning to
+(:data:`RESERVED_CHARACTERS`: ``*`` is the grids' wildcard, ``,`` separates ``--heads`` names,
+``=`` separates ``--data-root`` pairs).
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import inspect
 import os
 import sys
 import types
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +46,7 @@ from bench.core.errors import UsageError, choices
 from bench.core.paths import PROJECT_ROOT, source_file
 
 __all__ = [
-    "PROJECT_ROOT", "Registry", "build_backbone", "build_dataset", "build_head", "build_loss",
+    "PROJECT_ROOT", "RESERVED_CHARACTERS", "BrokenPluginWarning", "Registry", "broken_plugins", "build_backbone", "build_dataset", "build_head", "build_loss",
     "check_head_hparams", "dataset_class", "dataset_options", "head_class", "head_hparams",
     "is_known_backbone", "list_backbones", "list_datasets", "list_heads", "list_losses", "load_plugins",
     "plugin_dirs", "reference_head", "register_backbone", "register_backbone_family", "register_dataset",
@@ -46,6 +55,12 @@ __all__ = [
 
 _NAMESPACE = "_headbench_plugins"
 T = TypeVar("T")
+#: characters a registered name may not hold: each has a meaning in a grid or on the command line
+RESERVED_CHARACTERS = "*,=/\\ \t\n"
+
+
+class BrokenPluginWarning(UserWarning):
+    """A plugin file failed to import; the other plugins are still usable."""
 
 
 @dataclass(frozen=True)
@@ -82,12 +97,16 @@ class Registry(Generic[T]):
         self._families: dict[str, _Family] = {}
         self._loaded: set[Path] = set()
         self._builtins_loaded = False
+        self._broken: dict[Path, str] = {}
 
     # -- registration --------------------------------------------------------------------------
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator: register the class or function under ``name``."""
-        if not isinstance(name, str) or not name:
-            raise UsageError(f"a {self.kind} name must be a non-empty string, got {name!r}")
+        if not isinstance(name, str) or not name or any(ch in RESERVED_CHARACTERS for ch in name):
+            raise UsageError(
+                f"a {self.kind} name must be a non-empty string without {choices(RESERVED_CHARACTERS)} "
+                f"('*' is the grids' wildcard, ',' separates names on the command line), got {name!r}"
+            )
 
         def decorator(obj: T) -> T:
             old = self._table.get(name)
@@ -130,10 +149,27 @@ class Registry(Generic[T]):
         for folder in self.plugin_dirs():
             if folder in self._loaded or not folder.is_dir():
                 continue
+            self._loaded.add(folder)
             for path in sorted(folder.glob("*.py")):
                 if not path.name.startswith("_"):
-                    _import_plugin(path, self.kind)
-            self._loaded.add(folder)
+                    tables = [(r, dict(r._table)) for r in _PLUGIN_REGISTRIES]
+                    try:
+                        _import_plugin(path, self.kind)
+                    except UsageError as exc:
+                        for registry, table in tables:  # a file that fails registers nothing
+                            registry._table = table
+                        self._broken[path] = str(exc)
+                        warnings.warn(f"{exc}; its {self.kind}s are unavailable, the others work", BrokenPluginWarning, stacklevel=2)
+
+    def broken(self) -> dict[Path, str]:
+        """Plugin files of this kind that failed to import: path -> the error (after :meth:`load`)."""
+        self.load()
+        return dict(self._broken)
+
+    def broken_note(self) -> str:
+        """``"; plugin file(s) that failed to import: ..."`` (empty when none did), for messages."""
+        broken = self.broken()
+        return "; plugin file(s) that failed to import: " + "; ".join(broken.values()) if broken else ""
 
     # -- lookup --------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -161,7 +197,7 @@ class Registry(Generic[T]):
         self.load()
         if name not in self._table:
             where = f" (a {self.kind} is added by dropping a file into {self.folder}/)" if self.folder else ""
-            raise UsageError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {self.describe_names()}{where}")
+            raise UsageError(f"unknown {self.kind} {name!r}; registered {self.kind}s: {self.describe_names()}{where}{self.broken_note()}")
         return self._table[name]
 
     def items(self) -> list[tuple[str, T]]:
@@ -192,9 +228,12 @@ def _import_plugin(path: Path, kind: str) -> None:
     sys.modules[module_name] = module
     try:
         spec.loader.exec_module(module)
-    except UsageError:
+    except UsageError as exc:
         del sys.modules[module_name]
-        raise
+        raise UsageError(f"plugin {path} failed to import: {exc}") from exc
+    except SystemExit as exc:  # a plugin must not end the process that imports it
+        del sys.modules[module_name]
+        raise UsageError(f"plugin {path} failed to import: it called sys.exit({exc.code!r}) at import") from None
     except Exception as exc:
         del sys.modules[module_name]
         raise UsageError(f"plugin {path} failed to import: {type(exc).__name__}: {exc}") from exc
@@ -249,6 +288,11 @@ def register_loss(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any
 def plugin_dirs(kind: str) -> list[Path]:
     """Folders searched for ``kind`` (``head`` or ``dataset``) plugins."""
     return {"head": HEADS, "dataset": DATASETS}[kind].plugin_dirs()
+
+
+def broken_plugins(kind: str) -> dict[Path, str]:
+    """Plugin files of ``kind`` (``head`` or ``dataset``) that failed to import: path -> error."""
+    return {"head": HEADS, "dataset": DATASETS}[kind].broken()
 
 
 def load_plugins() -> None:
@@ -343,8 +387,9 @@ def build_head(
 ) -> Any:
     """Build head ``name`` for a [B, in_channels, h, w] feature map and ``num_classes`` outputs.
 
-    Unknown hyper-parameters, values of the wrong type, and values the head rejects
-    (``ValueError``) become a :class:`UsageError` naming the head's file.
+    Unknown hyper-parameters, values of the wrong type, values the head rejects (``ValueError``)
+    and any other failure of the head's ``__init__`` (a ``RuntimeError``, even ``sys.exit``)
+    become a :class:`UsageError` naming the head's file and the hyper-parameters it was given.
     """
     cls = head_class(name)
     _check_keywords("head", name, cls, hparams, head_hparams(name))
@@ -353,6 +398,12 @@ def build_head(
         return cls(in_channels, num_classes, context, **hparams)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"head {name!r} ({source_file(cls)}): {exc}") from exc
+    except UsageError:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's bug, reported as its own
+        given = ", ".join(f"{k}={v!r}" for k, v in hparams.items()) or "its defaults"
+        what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        raise UsageError(f"head {name!r} ({source_file(cls)}) failed to build with {given}: {what}") from None
 
 
 def build_dataset(name: str, root: str | os.PathLike | None = None, split: str | None = None, **options: Any) -> Any:
@@ -372,6 +423,12 @@ def build_dataset(name: str, root: str | os.PathLike | None = None, split: str |
         return cls(root, split, **options)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"dataset {name!r} ({source_file(cls)}): {exc}") from exc
+    except UsageError:
+        raise
+    except (Exception, SystemExit) as exc:  # noqa: BLE001 - a plugin's bug or an option it cannot honour (MemoryError)
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "its default options"
+        what = f"called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}"
+        raise UsageError(f"dataset {name!r} ({source_file(cls)}) failed to build split {split!r} with {given}: {what}") from None
 
 
 def build_backbone(name: str, weights: str | None = None) -> Any:

@@ -35,7 +35,10 @@ A grid file (``configs/<name>.toml``)::
 
 A cell's identity (``run_id``) is the hash of its resolved configuration: dataset name, options and
 splits; backbone and weights; head and every hyper-parameter (defaults filled in); the resolved
-recipe; the seed. Where the data lives (``root``) and execution settings are not part of it.
+recipe; the seed. Where the data lives (``root``) and execution settings are not part of it, with
+one exception: a dataset that declares ``data_in_identity`` (your own ``folder``) adds a digest of
+its train and test splits' labelled samples (``"data"``), so other data under another root are
+other runs; the run ids of every other dataset are unchanged.
 Expansion order is seeds, datasets, recipe variants, backbones, head entries (file order; ``"*"`` expands to the
 registered heads in name order), then hyper-parameter values (keys sorted), so it does not depend
 on the order of keys in the file. A ``[tune]`` table (bench/config/tune.py, docs/tuning.md)
@@ -58,6 +61,7 @@ from typing import Any
 
 from bench.api import registry
 from bench.api.observe import OBSERVE_KEYS, split_observe
+from bench.api.head import check_hparam_values
 from bench.api.registry import describe_backbone_names, is_known_backbone
 from bench.config.recipe import Recipe, resolve_recipe
 from bench.config.identity import config_hash
@@ -68,6 +72,8 @@ from bench.core.paths import PROJECT_ROOT
 CONFIG_DIR = PROJECT_ROOT / "configs"
 #: seeds feed numpy's and torch's generators, which take 32-bit unsigned integers
 MAX_SEED = 2**32 - 1
+#: the largest integer any setting may take (numpy and torch hold integers as int64)
+MAX_INT64 = 2**63 - 1
 TOP_KEYS = ("description", "seeds", "recipe", "recipes", "tune", "datasets", "backbones", "heads", "run")
 DATASET_KEYS = ("name", "root", "train_split", "test_split")
 BACKBONE_KEYS = ("name", "weights")
@@ -94,6 +100,7 @@ class Cell:
     recipe: Recipe
     seed: int
     root: str | None = None  # where the data lives: not part of the identity
+    data: str | None = None  # data_in_identity datasets: a digest of the splits' samples (in the identity)
     recipe_preset: str | None = None
     source_run_id: str | None = None  # for a derived (training-free) head: the run it reuses
     # [tune] (bench/config/tune.py): search space, point (values, 0-based grid order), or a refit
@@ -127,13 +134,11 @@ class Cell:
         return tune_fields(self)
 
     def _config(self) -> dict[str, Any]:
+        dataset = {"name": self.dataset, "options": self.dataset_options, "train_split": self.train_split, "test_split": self.test_split}
+        if self.data is not None:  # only datasets that declare data_in_identity: other run ids stay as they were
+            dataset["data"] = self.data
         return {
-            "dataset": {
-                "name": self.dataset,
-                "options": self.dataset_options,
-                "train_split": self.train_split,
-                "test_split": self.test_split,
-            },
+            "dataset": dataset,
             "backbone": {"name": self.backbone, "weights": self.weights},
             "head": {"name": self.head, "hparams": self.hparams},
             "recipe": self.recipe.identity(),
@@ -160,7 +165,7 @@ class Cell:
             tune_space=tune.get("space"), tune_refit=bool(tune.get("refit", False)),
             dataset=d["name"], dataset_options=d["options"], train_split=d["train_split"],
             test_split=d["test_split"], backbone=b["name"], weights=b["weights"], head=h["name"],
-            hparams=h["hparams"], recipe=Recipe.from_dict(config["recipe"]), seed=config["seed"], root=root,
+            hparams=h["hparams"], recipe=Recipe.from_dict(config["recipe"]), seed=config["seed"], root=root, data=d.get("data"),
         )
 
     def describe(self) -> str:
@@ -229,6 +234,8 @@ def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
     a NaN or infinite number (TOML ``nan``, ``inf``) is never a valid setting."""
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"{where}: {key!r} = {value!r} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT64:
+        raise UsageError(f"{where}: {key!r} = {value!r} is out of range; an integer setting lies within +-{MAX_INT64} (int64)")
     if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)):
         return value
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -325,8 +332,21 @@ def _expand_datasets(entries: list[dict[str, Any]], data_roots: dict[str, str], 
                 continue
             if not Path(root).is_dir():
                 raise UsageError(f"{label}: data root {root} does not exist or is not a folder ({how}); {cls.expected_layout}")
-        resolved.append((name, full, root, splits["train_split"], splits["test_split"]))
+        data = _data_identity(name, cls, root, options, splits, label) if getattr(cls, "data_in_identity", False) and root else None
+        resolved.append((name, full, root, splits["train_split"], splits["test_split"], data))
     return resolved, skipped
+
+
+def _data_identity(name: str, cls: type, root: str, options: dict[str, Any], splits: dict[str, str], label: str) -> str:
+    """A digest of the train and test splits' data (``MultiLabelDataset.data_identity``) of a
+    dataset whose identity is its folder; a bad folder is an error naming the grid entry."""
+    parts = []
+    for key in ("train_split", "test_split"):
+        try:
+            parts.append(registry.build_dataset(name, root, splits[key], **options).data_identity())
+        except UsageError as exc:
+            raise type(exc)(f"{label}: {exc}") from None
+    return config_hash({"data": parts})
 
 
 ALL_HEADS = "*"
@@ -351,6 +371,12 @@ def _resolve_head_entries(entries: list[dict[str, Any]], where: str) -> list[dic
         exclude = entry.get("exclude", [])
         if not isinstance(exclude, list) or not all(isinstance(e, str) for e in exclude):
             raise UsageError(f"{where} [[heads]] {i + 1} (\"*\"): 'exclude' must be a list of head names")
+        broken = registry.broken_plugins("head")
+        if broken:
+            raise UsageError(
+                f"{where} [[heads]] {i + 1} (\"*\"): every head is asked for, but head plugin file(s) failed to import: "
+                + "; ".join(broken.values()) + "; fix or remove them, or name the heads to run"
+            )
         unknown = [e for e in exclude if e not in registry.list_heads()]
         if unknown:
             raise UsageError(f"{where} [[heads]] {i + 1} (\"*\"): exclude names unknown head(s) {choices(unknown)}; registered: {choices(registry.list_heads())}")
@@ -379,7 +405,11 @@ def _expand_heads(entries: list[dict[str, Any]], where: str) -> list[tuple[str, 
                 raise UsageError(f"{label}: {key!r} is an empty list, so the grid would have no cells")
             value_lists.append([_coerce(v, defaults[key], label, key) for v in values])
         for combo in itertools.product(*value_lists):
-            out.append((name, {**defaults, **dict(zip(keys, combo))}))
+            hparams = {**defaults, **dict(zip(keys, combo))}
+            # the head's annotations, ranges included (bench.api.head.coerce_value), before training;
+            # the values themselves stay as written (they are part of the run id)
+            check_hparam_values(registry.head_class(name), dict(zip(keys, combo)), label)
+            out.append((name, hparams))
     return out
 
 
@@ -473,13 +503,13 @@ def load_grid(
     cells: list[Cell] = []
     # a tuned grid: every head configuration x seed at every point (the points innermost, so a
     # tune group's points are adjacent in grid order)
-    for seed, (ds, options, root, train_split, test_split), (variant, preset), bb, (head, hparams), (point, index, point_recipe) in itertools.product(
+    for seed, (ds, options, root, train_split, test_split, data_id), (variant, preset), bb, (head, hparams), (point, index, point_recipe) in itertools.product(
         seeds, resolved_datasets, recipes, backbone_entries, head_cells, points
     ):
         cell = Cell(
             dataset=ds, dataset_options=options, train_split=train_split, test_split=test_split,
             backbone=bb["name"], weights=bb.get("weights") or None, head=head, hparams=hparams,
-            recipe=point_recipe or variant, seed=seed, root=root, recipe_preset=preset,
+            recipe=point_recipe or variant, seed=seed, root=root, recipe_preset=preset, data=data_id,
             tune_space=space, tune_point=point, tune_index=index, tune_default=default,
         )
         cells.append(cell)
@@ -617,6 +647,7 @@ def shard_cells(cells: list[Cell], shard: int, count: int) -> list[Cell]:
     the refit of a head configuration x seed, and on a frozen backbone every head of the seed.
     The order is the grid's expansion order, which is stable, so N launches with shards 1/N .. N/N
     run every cell exactly once.
+    A shard left empty (N above the number of families) is a :class:`UsageError` that says so.
     """
     families: dict[str, list[Cell]] = {}
     family_of: dict[str, str] = {}
@@ -630,5 +661,11 @@ def shard_cells(cells: list[Cell], shard: int, count: int) -> list[Cell]:
         family_of[cell.run_id] = key
         families.setdefault(key, []).append(cell)
     chosen = [family for i, family in enumerate(families.values()) if i % count == shard - 1]
+    if cells and not chosen:
+        raise UsageError(
+            f"--shard {shard}/{count} is empty: these cells form only {len(families)} famil{'y' if len(families) == 1 else 'ies'} "
+            f"(a family trains together: a frozen-backbone head group, or a run with the derived heads that reuse it), "
+            f"so shards {len(families) + 1}..{count} have nothing to run; use at most {len(families)} shards"
+        )
     return [cell for family in chosen for cell in family]
 

@@ -19,6 +19,12 @@ from bench.core.errors import UsageError, choices
 from bench.core.paths import PROJECT_ROOT
 
 RECIPES_FILE = PROJECT_ROOT / "configs" / "recipes.toml"
+#: every number gets a finite range checked on load (issue 26): a value past these trains nothing
+#: useful and fails (or overflows float32) in every run. Epoch counts and batch sizes beyond them
+#: are not experiments this harness runs; learning rates, decays and loss exponents beyond 100
+#: overflow or diverge at once.
+MAX_EPOCHS = 100_000
+MAX_BATCH = 2**20
 
 
 @dataclass(frozen=True)
@@ -66,24 +72,24 @@ class Key:
 
 KEYS: dict[str, Key] = {
     "protocol": Key((str,), "finetune", ("finetune", "frozen"), doc="frozen: heads train on cached backbone features"),
-    "epochs": Key((int,), 10, minimum=1),
-    "batch_size": Key((int,), 64, minimum=1, doc="global batch size, split across processes"),
-    "eval_batch_size": Key((int,), 128, minimum=1),
+    "epochs": Key((int,), 10, minimum=1, maximum=MAX_EPOCHS),
+    "batch_size": Key((int,), 64, minimum=1, maximum=MAX_BATCH, doc="global batch size, split across processes"),
+    "eval_batch_size": Key((int,), 128, minimum=1, maximum=MAX_BATCH),
     "image_size": Key((int,), 64, minimum=8, maximum=4096, doc="images are resized to image_size x image_size (cached as uint8: N x S x S x 3 bytes)"),
     "optimizer": Key((str,), "adamw", ("sgd", "adamw")),
-    "lr": Key((float,), 1e-3, minimum=0.0, doc="learning rate of the head"),
-    "lrp": Key((float,), 1.0, minimum=0.0, doc="backbone learning rate = lr * lrp"),
+    "lr": Key((float,), 1e-3, minimum=0.0, maximum=100.0, doc="learning rate of the head"),
+    "lrp": Key((float,), 1.0, minimum=0.0, maximum=100.0, doc="backbone learning rate = lr * lrp"),
     "momentum": Key((float,), 0.9, minimum=0.0, maximum=1.0),
     "nesterov": Key((bool,), False),
-    "weight_decay": Key((float,), 1e-4, minimum=0.0),
+    "weight_decay": Key((float,), 1e-4, minimum=0.0, maximum=100.0),
     "schedule": Key((str,), "cosine", ("cosine", "step", "constant")),
-    "warmup_epochs": Key((float,), 1.0, minimum=0.0),
-    "step_size": Key((int,), 4, minimum=1, doc="epochs between decays of the step schedule"),
+    "warmup_epochs": Key((float,), 1.0, minimum=0.0, maximum=MAX_EPOCHS),
+    "step_size": Key((int,), 4, minimum=1, maximum=MAX_EPOCHS, doc="epochs between decays of the step schedule"),
     "gamma": Key((float,), 0.1, minimum=0.0, maximum=1.0),
     "loss": Key((str,), "bce", list_losses, doc="a registered loss (bench/models/losses.py)"),
     # parameters of loss = "asl" (passed as gamma_neg / gamma_pos / clip; ignored by other losses)
-    "asl_gamma_neg": Key((float,), 4.0, minimum=0.0, doc="ASL focusing exponent of the negatives", in_id_at_default=False, applies_when=("loss", "asl")),
-    "asl_gamma_pos": Key((float,), 0.0, minimum=0.0, doc="ASL focusing exponent of the positives", in_id_at_default=False, applies_when=("loss", "asl")),
+    "asl_gamma_neg": Key((float,), 4.0, minimum=0.0, maximum=100.0, doc="ASL focusing exponent of the negatives", in_id_at_default=False, applies_when=("loss", "asl")),
+    "asl_gamma_pos": Key((float,), 0.0, minimum=0.0, maximum=100.0, doc="ASL focusing exponent of the positives", in_id_at_default=False, applies_when=("loss", "asl")),
     "asl_clip": Key((float,), 0.05, minimum=0.0, maximum=1.0, doc="ASL probability margin of the negatives", in_id_at_default=False, applies_when=("loss", "asl")),
     # unknown (unobserved) training labels, dataset option observe (bench/api/observe.py, bench/models/losses.py)
     "unknown_labels": Key(
@@ -97,7 +103,7 @@ KEYS: dict[str, Key] = {
     "ll_ct_delta_rel": Key((float,), 0.002, minimum=0.0, maximum=1.0, doc="LL-Ct: growth of the corrected share per epoch", in_id_at_default=False, applies_when=("loss", "ll_ct")),
     "augment": Key((str,), "flip", ("none", "flip", "flip_crop")),
     "crop_scale_min": Key((float,), 0.7, minimum=0.05, maximum=1.0, doc="random-resized-crop area range [min, 1]"),
-    "grad_clip": Key((float,), 0.0, minimum=0.0, doc="max gradient norm; 0 = no clipping"),
+    "grad_clip": Key((float,), 0.0, minimum=0.0, maximum=1e6, doc="max gradient norm; 0 = no clipping"),
     "mixed_precision": Key((str,), "no", ("no", "fp16", "bf16")),
     "freeze_backbone": Key((bool,), False, doc="finetune protocol with the backbone's weights fixed"),
     "input_normalization": Key(

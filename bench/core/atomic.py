@@ -5,17 +5,25 @@ process is killed (SIGKILL) at any point. A kill can still leave the temporary f
 name records the writer's host and process id (``.<name>.<host>.<pid>.<random>.tmp``), so the
 next start removes the ones whose writer is gone (:func:`remove_stale_temporaries`) without
 touching a file another live process is still writing.
+
+A full file system (``ENOSPC`` / ``EDQUOT``) is a :class:`bench.core.errors.NoSpaceError` naming the
+folder, its free space and the bytes needed (:func:`no_space`), with the temporary file removed:
+nothing half-written stays behind, and the same command run again behaves the same way.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from bench.core.errors import NoSpaceError
 
 #: a temporary file of another host (or of an older version, without host and pid) is removed
 #: only once it is this old: its writer may still be at work on a shared file system
@@ -64,28 +72,72 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)`` to produce the file, then move it to ``path`` atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{host_tag()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+#: the error numbers of a full file system (no space; quota exceeded)
+NO_SPACE_ERRNOS = frozenset(e for e in (errno.ENOSPC, getattr(errno, "EDQUOT", None)) if e is not None)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an error it was raised from) says the file system is full."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    """Bytes free to this user in ``folder``'s file system (its nearest existing parent), or None."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
     try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def no_space(folder: str | Path, needed: int | None, what: str = "") -> NoSpaceError:
+    """The error to raise when writing ``needed`` bytes (None: unknown) into ``folder`` failed
+    for lack of space (or would: a preflight check)."""
+    return NoSpaceError(folder, needed, free_bytes(folder), what)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None], size_hint: int | None = None) -> None:
+    """Call ``write(tmp_path)`` to produce the file, then move it to ``path`` atomically.
+
+    A full file system raises :class:`NoSpaceError` (the temporary file removed); ``size_hint``
+    (bytes, when the caller knows them) goes into its message, else the bytes written before
+    the disk filled (a lower bound)."""
+    path = Path(path)
+    tmp: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{host_tag()}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         write(tmp)
         os.chmod(tmp, _MODE)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp = None
+        fsync_dir(path.parent)
+    except BaseException as exc:
+        written = 0
+        if tmp is not None:
+            try:
+                written = tmp.stat().st_size
+            except OSError:
+                pass
+            tmp.unlink(missing_ok=True)
+        if is_no_space(exc):
+            raise no_space(path.parent, size_hint or written or None, str(path.name)) from None
         raise
-    fsync_dir(path.parent)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), size_hint=len(data))
 
 
 def is_stale_temporary(path: Path, now: float | None = None) -> bool:

@@ -26,3 +26,29 @@ class UnreadableImage(Exception):
 def choices(values: Iterable[object]) -> str:
     """Render allowed values for an error message: ``'a', 'b', 'c'``."""
     return ", ".join(repr(v) for v in values)
+
+
+class NoSpaceError(UsageError):
+    """A write failed because the file system is full (``ENOSPC``, ``EDQUOT``). ``str()`` names
+    the folder, the space it has and the space needed. Exit status 2, like any usage error: the
+    fix is on the user's side (free space, or another results directory), and a rerun resumes."""
+
+    def __init__(self, folder: object, needed: int | None, free: int | None, what: str = "") -> None:
+        self.folder, self.needed, self.free = folder, needed, free
+        need = f"at least {format_bytes(needed)}" if needed else "more space"
+        have = f"{format_bytes(free)} free" if free is not None else "no free space"
+        super().__init__(
+            f"no space left in {folder}{f' writing {what}' if what else ''}: it has {have}, {need} is needed; "
+            "free some space there (or give another results directory) and run the same command again: "
+            "everything already finished is kept and nothing was half-written"
+        )
+
+
+def format_bytes(n: int | float) -> str:
+    """``1536`` -> ``'1.5 KiB'``; bytes, KiB, MiB, GiB, TiB."""
+    value = float(n)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"

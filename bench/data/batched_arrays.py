@@ -10,10 +10,13 @@ epoch. ``torch.utils.data`` lets a dataset answer a whole list of indices throug
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+from bench.data.label_checks import TrainingDataWarning, batch_message
 
 
 class FetchedBatch(NamedTuple):
@@ -89,7 +92,12 @@ def array_loader(items: ArrayItems, batch_size: int, shuffle: bool = False,
     Without ``generator`` the loader gets a fresh one of its own: a DataLoader draws a base seed
     from its generator each time it is iterated, and drawing it from the global generator would
     make an evaluation between epochs change the dropout draws of the epochs after it.
+    A training loader (``shuffle``) whose batch is larger than its items says so
+    (:class:`~bench.data.label_checks.TrainingDataWarning`): the epoch is then one batch.
     """
+    message = batch_message(batch_size, len(items)) if shuffle else None
+    if message is not None:
+        warnings.warn(message, TrainingDataWarning, stacklevel=2)
     return torch.utils.data.DataLoader(
         items, batch_size=batch_size, shuffle=shuffle, generator=generator if generator is not None else torch.Generator(),
         num_workers=0, collate_fn=collate_fetched,

@@ -218,11 +218,11 @@ DOC_NOTES = """## Reading the numbers
 
 DOC_HEAD = """# The decoded-image cache: how much it saves
 
-Every split is decoded and resized ONCE into a memory-mapped uint8 array (`bench/image_cache.py`,
+Every split is decoded and resized ONCE into a memory-mapped uint8 array (`bench/data/image_cache.py`,
 key = dataset, split, size and the source files' sizes and mtimes); later epochs, seeds and runs
 read the array instead of decoding JPEGs, and augmentation runs on the cached tensors.
 
-Measured with `bench/perf_input.py` (`python -m bench.perf.input_cache`), which generates a folder of
+Measured with `bench/perf/input_cache.py` (`python -m bench.perf.input_cache`), which generates a folder of
 photo-like JPEGs with a `train.csv` manifest in a temporary folder and times one epoch of reading
 every image at S x S:
 

@@ -69,6 +69,10 @@ class ScoreStore:
         self._where[run_id] = chosen
         return chosen
 
+    def has_scores(self, run_id: str) -> bool:
+        """Whether a score file of the run exists in one of the results directories."""
+        return self.directory(run_id) is not None
+
     def digest(self, run_id: str) -> str:
         """A digest of the run's score file content (so a cache follows the data, not the path)."""
         folder = self.directory(run_id)
@@ -250,11 +254,31 @@ def add_deltas(
             notes.append(f"{experiment_label(line)}: {result.dropped} of {result.resamples} resamples had no evaluated class and were left out")
     if not summary.empty:
         for keys, part in summary.groupby(list(SECTION_KEYS), sort=False, dropna=False):
-            summary.loc[part.index, "delta_p_holm"] = significance.holm(part["delta_p"].to_numpy(dtype=float))
-            _resolution_note(notes, " / ".join(map(str, keys)), "comparisons with the reference", int(part["delta_p"].notna().sum()), boot.n_resamples, alpha)
+            where = " / ".join(map(str, keys))
+            summary.loc[part.index, "delta_p_holm"] = holm_with_missing(part["delta_p"], part["delta_note"].eq("unavailable"), notes, where, "comparisons with the reference")
+            _resolution_note(notes, where, "comparisons with the reference", int(part["delta_p"].notna().sum()), boot.n_resamples, alpha)
         summary["delta_significant"] = summary["delta_p_holm"].lt(alpha)
     summary["delta_any"] = summary["delta_note"].eq("ref") | summary["delta"].notna()
     return summary
+
+
+def holm_with_missing(p: pd.Series, missing: pd.Series, notes: list[str], where: str, what: str) -> np.ndarray:
+    """Holm's adjustment of a family in which the ``missing`` comparisons could not be computed
+    (no per-image scores): they stay in the family at p = 1, so the family keeps the size it was
+    meant to have and no other adjusted p-value shrinks because a file is gone; their own adjusted
+    p-value stays NaN. A note says how many."""
+    values = p.to_numpy(dtype=float).copy()
+    gone = missing.to_numpy(dtype=bool) & np.isnan(values)
+    values[gone] = 1.0
+    adjusted = significance.holm(values)
+    adjusted[gone] = np.nan
+    if gone.any():
+        notes.append(
+            f"{where}: {int(gone.sum())} of the {int((~np.isnan(values)).sum())} {what} could not be made (a run without its "
+            "per-image score file); each stays in the Holm family at p = 1, so the other adjusted p-values are not made "
+            "smaller by the missing file"
+        )
+    return adjusted
 
 
 def _resolution_note(notes: list[str], where: str, what: str, family: int, resamples: int, alpha: float) -> None:
@@ -268,11 +292,20 @@ def _resolution_note(notes: list[str], where: str, what: str, family: int, resam
         )
 
 
-def rank_section(part: pd.DataFrame) -> pd.DataFrame:
+def rank_section(part: pd.DataFrame, store: "ScoreStore | None" = None) -> pd.DataFrame:
     """A section's lines ordered by mean mAP (then head, hyper-parameters) with ``rank`` (equal
-    means share the smaller rank)."""
-    part = part.sort_values(["mAP", "head", "hparams_text"], ascending=[False, True, True], kind="stable").reset_index(drop=True)
-    part["rank"] = part["mAP"].rank(method="min", ascending=False).fillna(len(part)).astype(int)
+    means share the smaller rank).
+
+    With a score store, a line one of whose runs has no per-image score file (``scores_missing``)
+    cannot be compared with the others: it is not ranked among them (it follows the ranked lines,
+    with rank one past theirs, shown as "- (no scores)") and is never the best or tied with it."""
+    part = part.copy()
+    part["scores_missing"] = (
+        part["run_ids"].map(lambda ids: not all(store.has_scores(r) for r in ids)) if store is not None and len(part) else False
+    )
+    part = part.sort_values(["scores_missing", "mAP", "head", "hparams_text"], ascending=[True, False, True, True], kind="stable").reset_index(drop=True)
+    ranked = part["mAP"].where(~part["scores_missing"])
+    part["rank"] = ranked.rank(method="min", ascending=False).fillna(int(ranked.notna().sum()) + 1).astype(int)
     return part
 
 
@@ -298,7 +331,10 @@ def add_ties(part: pd.DataFrame, rows: pd.DataFrame, store: ScoreStore | None, b
     part["tied_first"] = False
     part["tied_others"] = 0
     part["tie_tested"] = np.nan
-    candidates = part.index[part["mAP"].notna()]
+    missing = part["scores_missing"] if "scores_missing" in part else pd.Series(False, index=part.index)
+    candidates = part.index[part["mAP"].notna() & ~missing]
+    for i in part.index[missing]:
+        part.at[i, "tie_note"] = "no scores"
     if len(candidates) < 2:
         return part
     best_i = candidates[0]
@@ -323,9 +359,10 @@ def add_ties(part: pd.DataFrame, rows: pd.DataFrame, store: ScoreStore | None, b
             continue
         part.at[i, "tie_delta"], part.at[i, "tie_low"], part.at[i, "tie_high"] = result.delta, result.low, result.high
         part.at[i, "tie_p"], part.at[i, "tie_pairs"] = result.p_value, result.seeds
-    part["tie_p_holm"] = significance.holm(part["tie_p"].to_numpy(dtype=float))
-    tested = part["tie_p_holm"].notna()
     where = f"{best['dataset']} / {best['backbone']} / {best['protocol']}"
+    untestable = part["tie_note"].isin(["unavailable", "no scores"]) & (store is not None)
+    part["tie_p_holm"] = holm_with_missing(part["tie_p"], untestable, notes, where, "comparisons with the best configuration")
+    tested = part["tie_p_holm"].notna()
     _resolution_note(notes, where, "comparisons with the best configuration (ties for first)", int(tested.sum()), boot.n_resamples, alpha)
     worse = tested & part["tie_p_holm"].lt(alpha) & part["tie_delta"].lt(0)
     tied = tested & ~worse
@@ -345,8 +382,9 @@ def comparison_records(section: pd.DataFrame, reference: str) -> list[dict[str, 
     out = []
     best = section[section.get("tie_note", pd.Series("", index=section.index)).eq("best")]
     best_label = experiment_label(best.iloc[0]) if len(best) else ""
-    family = int(section["delta_p"].notna().sum()) if "delta_p" in section else 0
-    tie_family = int(section["tie_p"].notna().sum()) if "tie_p" in section else 0
+    # the Holm families, comparisons that could not be made (no score file) included (holm_with_missing)
+    family = int(section["delta_p"].notna().sum() + section["delta_note"].eq("unavailable").sum()) if "delta_p" in section else 0
+    tie_family = int(section["tie_p"].notna().sum() + section["tie_note"].isin(["unavailable", "no scores"]).sum()) if "tie_p" in section else 0
     for _, line in section.iterrows():
         base = {
             "dataset": str(line["dataset"]), "backbone": str(line["backbone"]), "protocol": str(line["protocol"]),

@@ -146,7 +146,16 @@ def _setup_lines(first: pd.Series) -> list[str]:
     ]
     weights = first.get("weights")
     lines.append(f"backbone weights: {'none (from scratch)' if _missing(weights) else f'`{weights}`'}")
-    return lines
+    untrained = untrained_classes_line(first)
+    return lines + ([untrained] if untrained else [])
+
+
+def untrained_classes_line(row: pd.Series) -> str | None:
+    """The setup line saying how many classes had no positive training label (None when none)."""
+    count = row.get("train_classes_without_positives")
+    if _missing(count) or int(count) <= 0:
+        return None
+    return f"**{int(count)} class(es) have no positive training label**: scored, never learned (their test AP measures nothing trained)"
 
 
 def _per_class_data(part: pd.DataFrame, comparisons: Comparisons) -> tuple[plotting.PerClass | None, str]:
@@ -245,7 +254,7 @@ def build(
         finished = in_sections[in_sections["status"] == "finished"]
         first_row = {gid: r for gid, r in finished.groupby(finished["group_id"].fillna(finished["run_id"]) if "group_id" in finished else finished["run_id"])}
         for keys, part in family.groupby(list(SECTION_KEYS), sort=True):
-            part = add_ties(rank_section(part), all_rows, comparisons.store, comparisons.boot, notes)
+            part = add_ties(rank_section(part, comparisons.store), all_rows, comparisons.store, comparisons.boot, notes)
             records += comparison_records(part, reference_label())
             part = part[part["group_id"].isin(shown_groups)].reset_index(drop=True)
             if part.empty:

@@ -138,7 +138,10 @@ def seed_spread_text(line: pd.Series | dict[str, Any]) -> str:
 
 
 def rank_text(line: pd.Series | dict[str, Any]) -> str:
-    """``3``, or ``1 (tied)`` for a line not significantly worse than the section's best."""
+    """``3``, ``1 (tied)`` for a line not significantly worse than the section's best, or
+    ``- (no scores)`` for a line without per-image scores (not ranked among the others)."""
+    if bool(line.get("scores_missing", False)):
+        return "- (no scores)"
     return "1 (tied)" if bool(line.get("tied_first")) else str(int(line["rank"]))
 
 
@@ -194,7 +197,9 @@ LEADERBOARD_COLUMNS: tuple[Column, ...] = (
         "ranks). `1 (tied)`: the section's best configuration and every configuration not significantly worse than it: "
         "each compared with the best by the same paired bootstrap as Δ mAP (paired by seed), Holm-adjusted over those "
         "comparisons, and not `significantly worse` (adjusted p < 0.05 with a negative difference). Shown only when at "
-        "least one configuration ties with the best: the top of the table is then not separable from noise.",
+        "least one configuration ties with the best: the top of the table is then not separable from noise. "
+        "`- (no scores)`: a configuration a run of which has no per-image score file; it cannot be compared, so it "
+        "follows the ranked ones, and its comparisons stay in the Holm families at p = 1.",
         rank_text, lambda r: int(r["rank"]),
     ),
     Column("head", "The registered head (`heads/<name>.py`).", lambda r: str(r["head"]), lambda r: str(r["head"]), align="left"),
@@ -256,7 +261,7 @@ LEADERBOARD_COLUMNS: tuple[Column, ...] = (
 
 BEST_COLUMNS: tuple[Column, ...] = (
     Column("dataset", "The registered dataset (`datasets/<name>.py`) whose test split is scored.", lambda r: str(r["dataset"]), lambda r: str(r["dataset"]), align="left"),
-    Column("backbone", "The feature extractor the head sits on (`bench/backbones.py`).", lambda r: str(r["backbone"]), lambda r: str(r["backbone"]), align="left"),
+    Column("backbone", "The feature extractor the head sits on (`bench/models/backbones.py`).", lambda r: str(r["backbone"]), lambda r: str(r["backbone"]), align="left"),
     Column("protocol", "The recipe's protocol: `finetune` trains backbone and head, `frozen` trains the head on fixed backbone features.", lambda r: str(r["protocol"]), lambda r: str(r["protocol"]), align="left"),
     *[c for c in LEADERBOARD_COLUMNS if c.label in ("head", "hyper-parameters", "mAP", "n", "Δ mAP [95% CI]")],
     Column(

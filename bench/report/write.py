@@ -76,12 +76,14 @@ def build_report(
     n_resamples: int | None = None,
     seed: int = stats.DEFAULT_SEED,
     console: Console | None = None,
+    wide: bool = False,
 ) -> dict[str, Path]:
     """Rebuild the leaderboard from the Parquet files of ``results_dirs`` (merged) and write it.
 
     Writes ``leaderboard.md`` (with ``plots/*.png``), ``report.html`` (plots inlined) into
     ``out_dir`` (default: the first results directory) and/or prints the console tables,
-    according to ``formats`` (``md``, ``html``, ``console``; default all). With ``md`` or ``html``
+    according to ``formats`` (``md``, ``html``, ``console``; default all; ``wide``: every column on
+    the console, not the compact set). With ``md`` or ``html``
     it also writes ``comparisons.parquet`` (every comparison, its p-value and Holm's adjustment).
 
     Returns ``{"md": path, "html": path, "comparisons": path}`` for the files written.
@@ -115,5 +117,5 @@ def build_report(
         plots.append(out / report.across_plot.path)
     _readable([*written.values(), *plots])
     if "console" in formats:
-        render_console(report, console)
+        render_console(report, console, wide=wide)
     return written

@@ -22,14 +22,42 @@ from pathlib import Path
 from typing import Any
 
 from bench.core.atomic import host_tag, pid_alive
+from bench.core.env import env_number
+from bench.core.errors import UsageError
 
-DEFAULT_STALE_AFTER_S = float(os.environ.get("HEADBENCH_LOCK_STALE_S", 3600))
+#: seconds after which an untouched lock of another host is stale; ``$HEADBENCH_LOCK_STALE_S``
+DEFAULT_STALE_AFTER_S = 3600.0
+STALE_ENV = "HEADBENCH_LOCK_STALE_S"
 REFRESH_EVERY_S = 30.0
 #: an unreadable lock younger than this may be one an older version is still writing (it created
 #: the file first and wrote its content after); older, it is damaged and reclaimed
 DAMAGED_GRACE_S = 10.0
 LOCKS = "locks"
 _GRAVE = ".stale-"
+
+
+def stale_after_s() -> float:
+    """``$HEADBENCH_LOCK_STALE_S`` (default :data:`DEFAULT_STALE_AFTER_S`), checked: at least two
+    refresh periods, or a live owner's lock would look stale between two refreshes."""
+    value = env_number(STALE_ENV, DEFAULT_STALE_AFTER_S, 2 * REFRESH_EVERY_S, 30 * 24 * 3600.0, "seconds")
+    assert value is not None
+    return value
+
+
+def check_lock_folder(results_dir: str | Path) -> None:
+    """A :class:`UsageError` naming every entry of ``results/locks/`` that is not a plain file (a
+    folder made by hand or by a copy tool): it would hold its run forever, and the harness never
+    deletes a folder it did not make."""
+    folder = Path(results_dir) / LOCKS
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder} is not a folder: it holds the run locks; move it away and run the same command again")
+    odd = sorted(p.name for p in folder.glob("*.lock") if not p.is_file() or p.is_symlink()) if folder.is_dir() else []
+    if odd:
+        raise UsageError(
+            f"{folder} holds {len(odd)} lock(s) that are not plain files: {', '.join(odd[:5])}"
+            f"{' ...' if len(odd) > 5 else ''}; a lock is a small file the harness writes itself: remove "
+            f"{'them' if len(odd) > 1 else 'it'} (no launch may be running) and run the same command again"
+        )
 
 
 def remove_graves(results_dir: str | Path) -> list[Path]:
@@ -48,9 +76,9 @@ def remove_graves(results_dir: str | Path) -> list[Path]:
 class RunLock:
     """A claim on one run id. Use :meth:`acquire`; :meth:`refresh` while working; :meth:`release`."""
 
-    def __init__(self, results_dir: str | Path, run_id: str, stale_after: float = DEFAULT_STALE_AFTER_S) -> None:
+    def __init__(self, results_dir: str | Path, run_id: str, stale_after: float | None = None) -> None:
         self.path = Path(results_dir) / LOCKS / f"{run_id}.lock"
-        self.stale_after = stale_after
+        self.stale_after = stale_after_s() if stale_after is None else stale_after
         self._last_refresh = 0.0
         self.held = False
 
@@ -79,8 +107,13 @@ class RunLock:
             return not pid_alive(owner["pid"])
         return age > self.stale_after
 
+    def _check_plain(self) -> None:
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_file()):
+            raise UsageError(f"lock {self.path} is not a plain file (a folder?): remove it (no launch may be running) and run the same command again")
+
     def is_claimed(self) -> bool:
         """Whether another live owner (not this process) holds this run; claims nothing."""
+        self._check_plain()
         if self.held or not self.path.exists():
             return False
         owner = self.owner()
@@ -112,7 +145,9 @@ class RunLock:
         return True
 
     def acquire(self) -> bool:
-        """Claim the run; False if a live owner holds it."""
+        """Claim the run; False if a live owner holds it. A lock path that is not a plain file
+        (a folder) is a :class:`UsageError` naming it: the harness never deletes what it did not make."""
+        self._check_plain()
         if self._create():
             return True
         if not self._is_stale():

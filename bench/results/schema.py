@@ -31,6 +31,8 @@ COLUMNS: dict[str, pa.DataType] = {
     # data
     "num_classes": _INT, "classes": JSON, "classes_evaluated": _INT,
     "train_images": _INT, "test_images": _INT, "skipped_images": _INT,
+    # classes with no positive label in the training split (bench.data.label_checks): scored, never learned
+    "train_classes_without_positives": _INT,
     # training, throughput and cost
     "final_train_loss": _FLOAT, "train_images_per_s": _FLOAT, "eval_images_per_s": _FLOAT,
     "total_params": _INT, "backbone_flops": _INT, "head_params": _INT, "head_flops": _INT,

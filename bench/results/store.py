@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from bench.core.atomic import atomic_write, host_tag, remove_stale_temporaries
-from bench.core.errors import UsageError
+from bench.core.atomic import atomic_write, free_bytes, host_tag, is_no_space, no_space, remove_stale_temporaries
+from bench.core.errors import UsageError, format_bytes
 from bench.results import schema
-from bench.results.locks import LOCKS, remove_graves
+from bench.results.locks import LOCKS, check_lock_folder, remove_graves, stale_after_s
 
 RUNS = "runs"
 SCORES = "scores"
@@ -48,6 +48,10 @@ RUN_ID = re.compile(r"[0-9a-f]{16}")
 STATUSES = ("finished", "failed")
 #: folders of a results directory (and of a report's output) where atomic writes happen
 REPORT_FOLDERS = (".", "plots", ".cache/bootstrap")
+#: free space a launch needs before it trains anything: a run's row, scores, weights and epoch
+#: checkpoint of the embedded grids fit well inside it (a larger model needs more: the engine
+#: passes its own estimate to :func:`check_writable`)
+MIN_FREE_BYTES = 16 * 2**20
 
 
 class DamagedFileWarning(UserWarning):
@@ -102,18 +106,29 @@ def clean_temporaries(folder: str | Path) -> list[Path]:
     return removed + remove_graves(folder)
 
 
-def check_writable(results_dir: str | Path) -> Path:
-    """Create ``results_dir`` if needed and prove it is writable, before any training starts;
-    remove what killed writers left behind."""
+def check_writable(results_dir: str | Path, needed: int = MIN_FREE_BYTES) -> Path:
+    """Create ``results_dir`` if needed and prove it is writable and has ``needed`` bytes free,
+    before any training starts; check ``$HEADBENCH_LOCK_STALE_S`` and the lock folder; remove what
+    killed writers left behind. A full disk is a :class:`~bench.core.errors.NoSpaceError` naming
+    the folder and the space needed (exit status 2); nothing is left written."""
     path = Path(results_dir)
+    stale_after_s()
     try:
         (path / RUNS).mkdir(parents=True, exist_ok=True)
         probe = path / RUNS / f".write-test.{host_tag()}.{os.getpid()}.probe000.tmp"  # the temporary-file form: cleaned if left
-        probe.write_bytes(b"")
-        probe.unlink()
+        try:
+            probe.write_bytes(b"\0" * 4096)
+        finally:
+            probe.unlink(missing_ok=True)
     except OSError as exc:
+        if is_no_space(exc):
+            raise no_space(path, needed, "a first file") from None
         raise UsageError(f"results directory {path} is not writable: {exc.strerror or exc}") from exc
     clean_temporaries(path)
+    check_lock_folder(path)
+    free = free_bytes(path)
+    if free is not None and free < needed:
+        raise no_space(path, needed, f"this launch's results (a run needs up to about {format_bytes(needed)})")
     return path
 
 
@@ -193,6 +208,28 @@ def read_row(path: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def internal_folder(path: str | Path) -> Path | None:
+    """The results directory's own folder (``runs/``, ``scores/``, ``weights/``, ``locks/``,
+    ``checkpoints/``) that ``path`` is or lies in, else None: no other file may be written there
+    (a report's ``comparisons.parquet`` in ``runs/`` would be read back as a damaged run)."""
+    path = Path(path).resolve()
+    for folder in (path, *path.parents):
+        # a results directory that happens to be named runs/ (it holds its own runs/) is not one
+        if folder.name in (RUNS, SCORES, WEIGHTS, LOCKS, "checkpoints") and (folder.parent / RUNS).is_dir() and not (folder / RUNS).is_dir():
+            return folder
+    return None
+
+
+def _not_a_run_file(path: Path) -> None:
+    """Say once that ``runs/`` holds a file whose name is not a run id (a note, a report's output)."""
+    _warn_once(
+        f"{path}\0name",
+        f"ignoring {path}: its name {path.stem!r} is not of the harness's form (a run id: 16 lowercase hexadecimal "
+        "digits), so it is no run's result file and no launch replaces it; runs/ holds only the harness's "
+        "<run_id>.parquet files: move it out of that folder",
+    )
+
+
 def load_all(*results_dirs: str | Path) -> pd.DataFrame:
     """Every row of every results directory, one row per run id (the newest wins on a clash).
 
@@ -202,6 +239,9 @@ def load_all(*results_dirs: str | Path) -> pd.DataFrame:
     rows = []
     for folder in results_dirs:
         for path in sorted((Path(folder) / RUNS).glob("*.parquet")):
+            if not is_run_id(path.stem):
+                _not_a_run_file(path)
+                continue
             row = read_row(path)
             if row is not None:
                 rows.append(row)
