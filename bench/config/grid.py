@@ -60,7 +60,8 @@ from bench.core.paths import PROJECT_ROOT
 CONFIG_DIR = PROJECT_ROOT / "configs"
 #: seeds feed numpy's and torch's generators, which take 32-bit unsigned integers
 MAX_SEED = 2**32 - 1
-TOP_KEYS = ("description", "seeds", "recipe", "datasets", "backbones", "heads", "run")
+# [submit]: scheduler settings for `--submit` (read and validated by bench/cluster/settings.py)
+TOP_KEYS = ("description", "seeds", "recipe", "datasets", "backbones", "heads", "run", "submit")
 DATASET_KEYS = ("name", "root", "train_split", "test_split")
 BACKBONE_KEYS = ("name", "weights")
 RUN_KEYS: dict[str, tuple[type, Any, tuple[Any, ...] | None]] = {
