@@ -7,10 +7,12 @@ rather than claiming the next free run). The submission is recorded in ``<logs>/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +77,25 @@ def _local_executor(settings: SubmitSettings) -> submitit.LocalExecutor:
     return executor
 
 
+@contextlib.contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Within the block, file descriptors 1 and 2 write to ``path``: a local job's controller
+    inherits them and outlives this command, and must not hold the caller's terminal or pipe open
+    (``run_bench.py --submit local | tee`` would wait for the jobs)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+
+
 def submit(specs: list[TaskSpec], settings: SubmitSettings, status_command: str) -> Submission:
     """Submit one task per spec; SLURM gets them as one array (``--array=0-(N-1)%N``)."""
     # the task process imports this project's `bench` (cloudpickle stores classes by module name)
@@ -87,11 +108,12 @@ def submit(specs: list[TaskSpec], settings: SubmitSettings, status_command: str)
         jobs = list(pending)
     else:
         jobs = []
-        for k, spec in enumerate(specs):
-            executor = _local_executor(settings)
-            gpus = settings.gpus_per_node
-            executor.update_parameters(gpus_per_node=gpus, visible_gpus=tuple(range(k * gpus, (k + 1) * gpus)))
-            jobs.append(executor.submit(GridTask(spec)))
+        with _output_to(settings.logs / "local-controllers.log"):
+            for k, spec in enumerate(specs):
+                executor = _local_executor(settings)
+                gpus = settings.gpus_per_node
+                executor.update_parameters(gpus_per_node=gpus, visible_gpus=tuple(range(k * gpus, (k + 1) * gpus)))
+                jobs.append(executor.submit(GridTask(spec)))
     submission = Submission(settings, jobs, status_command)
     record = {
         "executor": settings.executor, "job_ids": submission.job_ids, "tasks": len(jobs), "logs": str(settings.logs),

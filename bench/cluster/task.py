@@ -130,10 +130,14 @@ class GridTask(submitit.helpers.Checkpointable):
         self._process = None
         self._before = (0, 0.0)
 
-    def __call__(self) -> TaskOutcome:
-        env = submitit.JobEnvironment()
+    def begin_attempt(self) -> None:
+        """Count this attempt and note where the task's runs stand (for the progress rule)."""
         self.attempts += 1
         self._before = progress(self.spec.results_dir, self.spec.run_ids)
+
+    def __call__(self) -> TaskOutcome:
+        env = submitit.JobEnvironment()
+        self.begin_attempt()
         cpus = self.spec.cpus_per_task or int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) or None
         cmd = launch_command(self.spec, env.num_nodes, env.node, env.hostnames[0], cpus)
         status_file = env.paths.folder / f"{env.job_id}_{env.global_rank}_exit_status"
