@@ -367,13 +367,19 @@ def _submit(args: argparse.Namespace, grid, console: Console) -> int:
     table = cluster_settings.read_table(grid.path)
     results_dir = Path(args.results).resolve()
     jobs = flags.get("jobs", table.get("jobs", 1))
-    default_gpus = 1
+    default_gpus, visible = 1, 0
     if args.submit == "local":
         import torch
 
-        default_gpus = torch.cuda.device_count() // jobs
+        visible = torch.cuda.device_count()
+        default_gpus = visible // jobs
+        if visible and not default_gpus and "gpus_per_node" not in flags and "gpus_per_node" not in table:
+            raise UsageError(f"--submit local --jobs {jobs}: this machine has {visible} GPU(s), fewer than the jobs; "
+                             "use --jobs <= the GPUs, or --gpus-per-node 0 to run every job on the CPU")
         flags.setdefault("cpus_per_task", table.get("cpus_per_task", max(1, (os.cpu_count() or 1) // jobs)))
     settings = cluster_settings.resolve(args.submit, table, flags, results_dir, default_gpus)
+    if args.submit == "local" and settings.jobs * settings.gpus_per_node > visible:
+        raise UsageError(f"--submit local: {settings.jobs} job(s) x {settings.gpus_per_node} GPU(s) each, but this machine has {visible}")
     # more tasks than cell families would leave some with nothing to run: one family each at most
     count = sum(1 for k in range(1, settings.jobs + 1) if shard_cells(grid.cells, k, settings.jobs))
     if count < settings.jobs:
