@@ -31,7 +31,6 @@ import submitit
 from submitit.core.utils import DelayedSubmission
 
 from bench.core.paths import PROJECT_ROOT
-from bench.results.store import row_path
 
 #: the CLI writes its exit status to this file (main process only): the launcher turns every
 #: non-zero status into 1, and the task must tell failed runs (1) from a usage error (2)
@@ -93,8 +92,10 @@ def launch_command(spec: TaskSpec, nodes: int, node_rank: int, main_host: str, c
 
 def progress(results_dir: str | Path, run_ids: tuple[str, ...]) -> tuple[int, float]:
     """(rows written, newest epoch-checkpoint file time) over the task's runs: a change between two
-    moments means the task got somewhere (``checkpoints/<run_id>/`` as in docs/distributed.md)."""
-    rows = sum(row_path(results_dir, r).exists() for r in run_ids)
+    moments means the task got somewhere. The layout (``runs/<run_id>.parquet``,
+    ``checkpoints/<run_id>/``, docs/distributed.md) is read here without bench.results.store, so
+    the task process, which only waits on its launch, does not import torch (seconds per attempt)."""
+    rows = sum((Path(results_dir) / "runs" / f"{r}.parquet").exists() for r in run_ids)
     newest = 0.0
     for run_id in run_ids:
         folder = Path(results_dir) / "checkpoints" / run_id
