@@ -54,8 +54,9 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list registered heads, datasets, backbones and grids")
     p.add_argument(
         "--validate", action="store_true",
-        help="check the grid, the options and the results directory, then exit (0, or 2 with the error): "
-        "run it before `accelerate launch`, whose launcher turns an exit status 2 into 1 and a traceback",
+        help="check the grid, the options and the results directory and build every dataset, backbone and head "
+        "once (like --dry-run, without the listing), then exit (0, or 2 with the error): run it before `accelerate launch`, "
+        "whose launcher turns an exit status 2 into 1 and a traceback",
     )
     _add_submit_options(p)
     return p
@@ -207,7 +208,12 @@ def cmd_run(argv: list[str]) -> int:
         _check_launchable(grid, Path(args.results), cuda_here=not args.submit or args.submit == "local")
         if args.submit:
             return _submit(args, grid, console)
-        console.print(f"grid {grid.name}{shard_text}: {len(grid.cells)} cells; ready to launch", soft_wrap=True, highlight=False)
+        from bench.engine.data_store import DataStore
+        from bench.engine.runner import preflight
+
+        preflight(grid, DataStore(_make_accelerator(grid.cells[0].recipe.mixed_precision)))  # what the launch checks first
+        console.print(f"grid {grid.name}{shard_text}: {len(grid.cells)} cells; every dataset, backbone and head builds; ready to launch",
+                      soft_wrap=True, highlight=False)
         return 0
     if not grid.cells:
         for line in grid.skipped:

@@ -47,7 +47,7 @@ def test_make_bench_validates_then_launches(processes: int) -> None:
 def test_validate_passes_a_good_grid_and_trains_nothing(tiny_grid: Path, tmp_path: Path) -> None:
     result = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path), "--validate")
     assert result.returncode == 0, result.stderr
-    assert "tiny: 2 cells; ready to launch" in result.stdout
+    assert "tiny: 2 cells; every dataset, backbone and head builds; ready to launch" in result.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
@@ -71,3 +71,14 @@ def test_usage_error_under_the_bare_launcher_shows_our_message_and_a_failing_sta
     result = run_cli("--grid", "no-such-grid", "--results", str(tmp_path), launcher=accelerate_launch(processes), timeout=180)
     assert "error: grid 'no-such-grid' not found" in result.stderr
     assert result.returncode == 1  # accelerate: any failing child -> 1 (if this changes, README's note changes too)
+
+
+def test_validate_builds_the_heads_so_a_bad_hyper_parameter_is_caught_before_the_launcher(
+    tiny_grid: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from bench.cli import main
+
+    grid = tmp_path / "bad.toml"
+    grid.write_text(tiny_grid.read_text().replace('pool = ["avg", "max"]', 'pool = ["median"]'))
+    assert main(["--grid", str(grid), "--results", str(tmp_path / "r"), "--validate"]) == 2
+    assert "hyper-parameter 'pool' = 'median' is not allowed" in capsys.readouterr().err
