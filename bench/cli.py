@@ -20,6 +20,7 @@ from rich.console import Console
 from bench.core.errors import UsageError, choices
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` and `--list` stay fast
+    from bench.config.grid import Grid
     from bench.engine.interrupt import StopRequest
     from bench.engine.runner import GridSummary
 
@@ -130,7 +131,7 @@ def _check_precision(mixed_precision: str, cuda: bool) -> None:
         raise UsageError("recipe mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on a CPU")
 
 
-def _check_launchable(grid, results_dir: Path, cuda_here: bool) -> None:
+def _check_launchable(grid: Grid, results_dir: Path, cuda_here: bool) -> None:
     """What a launch would refuse before training, checked without a launcher (``--validate``,
     ``--submit``): a grid with no cell to run, a results directory that cannot be written, fp16
     without CUDA (``cuda_here``: the launch runs on this machine)."""
@@ -350,7 +351,7 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
-def _submit(args: argparse.Namespace, grid, console: Console) -> int:
+def _submit(args: argparse.Namespace, grid: Grid, console: Console) -> int:
     """``--submit slurm|local``: the grid as N tasks through submitit, task K running ``--shard K/N``
     under ``accelerate launch`` in its allocation; prints the job ids, the log folder and the
     progress command; ``--wait`` waits for the tasks and builds the report."""

@@ -81,7 +81,6 @@ class SubmitSettings:
     max_requeues: int = 50
     idle_requeues: int = 2
     job_name: str = "headbench"
-    wait: bool = False
 
 
 def parse_time(value: int | str, where: str) -> int:
