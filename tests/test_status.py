@@ -94,8 +94,8 @@ def test_status_with_the_grid_shows_every_run_and_job(results, capsys: pytest.Ca
     }
     assert "boom in epoch 2" in got[ids[1]][1] and "second line" not in got[ids[1]][1]
     assert f"lock {socket.gethostname()}:{live.pid} since " in got[ids[2]][1]
-    assert "stale lock" in got[ids[3]][1] and "owner gone" in got[ids[3]][1] and "resumes after epoch 2" in got[ids[3]][1]
-    assert got[ids[4]][1].endswith("resumes after epoch 1")
+    assert "stale lock" in got[ids[3]][1] and "owner gone" in got[ids[3]][1] and "resumes from its checkpoint after epoch 2" in got[ids[3]][1]
+    assert got[ids[4]][1].endswith("resumes from its checkpoint after epoch 1")
     assert "runs: 6: 1 finished, 1 running, 1 failed, 3 pending" in printed
     assert "jobs: 6: 1 finished, 1 running, 1 failed, 3 pending" in printed  # finetune: one run per job
 

@@ -70,7 +70,8 @@ def run_state(results_dir: Path, run_id: str, label: str, error: str | None = No
     if status == "failed":
         return RunState(run_id, label, "failed", (error or "").strip().splitlines()[0][:160] if error else "")
     epoch = _checkpoint_epoch(results_dir, run_id)
-    resume = f"resumes after epoch {epoch + 1}" if epoch is not None else ""
+    saved = f"checkpoint after epoch {epoch + 1}" if epoch is not None else ""
+    resume = f"resumes from its {saved}" if saved else ""
     lock = RunLock(results_dir, run_id)
     owner = lock.owner()
     if lock.path.exists():
@@ -78,7 +79,7 @@ def run_state(results_dir: Path, run_id: str, label: str, error: str | None = No
         since = owner.get("since") if owner else None
         when = f" since {time.strftime('%Y-%m-%d %H:%M', time.localtime(since))} ({_ago(since, now)})" if isinstance(since, (int, float)) else ""
         if lock.is_claimed():
-            return RunState(run_id, label, "running", f"lock {who}{when}" + (f"; {resume}" if resume else ""))
+            return RunState(run_id, label, "running", f"lock {who}{when}" + (f"; {saved}" if saved else ""))
         gone = "owner gone" if owner and owner["host"] == socket.gethostname() else "lock not refreshed"
         return RunState(run_id, label, "pending", f"stale lock {who}{when} ({gone}; the next launch takes it over)" + (f"; {resume}" if resume else ""))
     return RunState(run_id, label, "pending", resume)
