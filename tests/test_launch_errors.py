@@ -44,10 +44,11 @@ def test_make_bench_validates_then_launches(processes: int) -> None:
     assert validate < launch and f"--num_processes {processes}" in lines[launch]
 
 
-def test_validate_passes_a_good_grid_and_trains_nothing(tiny_grid: Path, tmp_path: Path) -> None:
-    result = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path), "--validate")
-    assert result.returncode == 0, result.stderr
-    assert "tiny: 2 cells; every dataset, backbone and head builds; ready to launch" in result.stdout
+def test_validate_passes_a_good_grid_and_trains_nothing(tiny_grid: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bench.cli import main
+
+    assert main(["--grid", str(tiny_grid), "--results", str(tmp_path), "--validate"]) == 0
+    assert "tiny: 2 cells; every dataset, backbone and head builds; ready to launch" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from submitit.core.utils import DelayedSubmission
 
 from bench.cli import main
@@ -70,58 +72,50 @@ def task_logs(logs: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(logs.glob("*_log.out"))}
 
 
-def test_two_local_jobs_give_the_runs_and_metrics_of_one_plain_launch(grid_file: Path, reference: Path, tmp_path: Path) -> None:
-    out = tmp_path / "results"
-    result = run_cli("--grid", str(grid_file), "--results", str(out), "--submit", "local", "--jobs", "2", "--cpus-per-task", "1", "--wait")
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    ids = next(line for line in result.stdout.splitlines() if "job ids:" in line).split("job ids:")[1].split()
-    assert len(ids) == 2
-    assert f"logs: {out / 'submitit'}" in result.stdout and "progress: " in result.stdout and " status --results " in result.stdout
-    assert "task 1/2: every run finished" in result.stdout and "task 2/2: every run finished" in result.stdout
-    same_runs_and_metrics(out, reference)
-    # each task trained its own share: an ignored --shard would make one task train both runs
-    logs = task_logs(out / "submitit")
-    assert len(logs) == 2
-    for text in logs.values():
-        assert "1 trained, 0 already done, 0 failed;" in text, text[-1500:]  # nothing left to the other task's lock
-    texts = sorted(logs.values(), key=lambda t: "(shard 2/2)" in t)
-    assert "grid two (shard 1/2): 1 cells" in texts[0] and "grid two (shard 2/2): 1 cells" in texts[1]
-
-
-def test_a_local_job_signalled_before_its_time_limit_requeues_and_finishes_like_an_uninterrupted_run(
+def test_two_local_jobs_one_signalled_before_its_time_limit_give_the_runs_and_metrics_of_one_plain_launch(
     grid_file: Path, reference: Path, tmp_path: Path
 ) -> None:
+    """``--submit local --jobs 2 --wait``: each job trains its shard; job 1 gets the signal SLURM
+    sends before a time limit in the middle of its run, requeues and resumes from the epoch
+    checkpoint; the report is built at the end. One submission for all of it (the suite's time)."""
     out = tmp_path / "results"
-    result = run_cli("--grid", str(grid_file), "--results", str(out), "--submit", "local", "--jobs", "1", "--cpus-per-task", "1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    controller = psutil.Process(int(json.loads((out / "submitit" / "submission.json").read_text())["job_ids"][0]))
-    deadline = time.time() + 180
-    while not list((out / "checkpoints").glob("*/epoch_0000/progress.json")) and time.time() < deadline:
-        time.sleep(0.1)
-    # SLURM sends its warning signal to every process of the job step: the task and the launch
-    task = controller.children()[0]
-    for proc in [task, *task.children(recursive=True)]:
-        try:
-            proc.send_signal(signal.SIGUSR2)
-        except psutil.NoSuchProcess:  # a short-lived helper of the launcher
-            pass
-    controller.wait(timeout=240)
-    log = "".join(task_logs(out / "submitit").values())
-    errors = "".join(p.read_text() for p in (out / "submitit").glob("*_log.err"))
-    assert "requeued after attempt 1" in log and "attempt 2:" in log, log[-3000:]
-    assert "stopped by signal 15" in errors  # the launch stopped cleanly between steps (its processes ignore USR2)
-    assert "resuming" in log and "from its checkpoint" in log
-    kind, outcome = _result(out / "submitit")
-    assert kind == "success" and outcome.attempts == 2 and outcome.status == 0
+    printed = tmp_path / "submit.out"
+    with open(printed, "w") as sink:
+        cli = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_bench.py"), "--grid", str(grid_file), "--results", str(out),
+             "--submit", "local", "--jobs", "2", "--cpus-per-task", "1", "--wait"],
+            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, text=True,
+        )
+        first_run = shard_cells(load_grid(str(grid_file)).cells, 1, 2)[0].run_id
+        deadline = time.time() + 240
+        while not (out / "checkpoints" / first_run / "epoch_0000" / "progress.json").exists() and time.time() < deadline:
+            assert cli.poll() is None, printed.read_text()[-3000:]
+            time.sleep(0.1)
+        controller = psutil.Process(int(json.loads((out / "submitit" / "submission.json").read_text())["job_ids"][0]))
+        # SLURM sends its warning signal to every process of the job step: the task and its launch
+        task = controller.children()[0]
+        for proc in [task, *task.children(recursive=True)]:
+            try:
+                proc.send_signal(signal.SIGUSR2)
+            except psutil.NoSuchProcess:  # a short-lived helper of the launcher
+                pass
+        assert cli.wait(timeout=300) == 0, printed.read_text()[-3000:]
+    text = printed.read_text()
+    ids = next(line for line in text.splitlines() if "job ids:" in line).split("job ids:")[1].split()
+    assert len(ids) == 2
+    assert f"logs: {out / 'submitit'}" in text and "progress: " in text and " status --results " in text
+    assert "task 1/2: every run finished after 2 attempt(s)" in text and "task 2/2: every run finished after 1 attempt(s)" in text
+    assert (out / "leaderboard.md").is_file()
     same_runs_and_metrics(out, reference)
-
-
-def _result(logs: Path) -> tuple[str, object]:
-    import cloudpickle
-
-    (path,) = logs.glob("*_result.pkl")
-    with open(path, "rb") as f:
-        return cloudpickle.load(f)
+    first, second = (task_logs(out / "submitit")[f"{job}_0_log.out"] for job in ids)
+    # each job trained its own share: an ignored --shard would give one job both runs
+    assert "grid two (shard 1/2): 1 cells" in first and "grid two (shard 2/2): 1 cells" in second
+    assert "1 trained, 0 already done, 0 failed;" in second
+    # job 1: stopped cleanly between steps (its launch ignores USR2), requeued, resumed from the checkpoint
+    assert "requeued after attempt 1" in first and "attempt 2:" in first
+    assert "stopped by signal 15" in (out / "submitit" / f"{ids[0]}_0_log.err").read_text()
+    assert "resuming" in first and "from its checkpoint" in first
+    assert "1 trained, 0 already done, 0 failed;" in first.split("attempt 2:")[1]
 
 
 FAKE_SBATCH = """#!/bin/sh
