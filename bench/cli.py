@@ -361,7 +361,6 @@ def _submit(args: argparse.Namespace, grid: Grid, console: Console) -> int:
         raise UsageError("--submit needs submitit: pip install -e '.[cluster]' (or: pip install submitit)") from None
     from bench.cluster import settings as cluster_settings
     from bench.cluster import submit as cluster_submit
-    from bench.config.grid import shard_cells
 
     if args.shard:
         raise UsageError("--submit deals the grid out itself (task K of N runs --shard K/N): leave out --shard")
@@ -387,12 +386,10 @@ def _submit(args: argparse.Namespace, grid: Grid, console: Console) -> int:
     settings = cluster_settings.resolve(args.submit, table, flags, results_dir, default_gpus)
     if args.submit == "local" and settings.jobs * settings.gpus_per_node > visible:
         raise UsageError(f"--submit local: {settings.jobs} job(s) x {settings.gpus_per_node} GPU(s) each, but this machine has {visible}")
-    # more tasks than cell families would leave some with nothing to run: one family each at most
-    count = sum(1 for k in range(1, settings.jobs + 1) if shard_cells(grid.cells, k, settings.jobs))
-    if count < settings.jobs:
-        console.print(f"the grid has {count} job(s) (cell families) to deal out: submitting {count} task(s), not {settings.jobs}", highlight=False)
-        settings.jobs = count
-    shares = [tuple(c.run_id for c in shard_cells(grid.cells, k, count)) for k in range(1, count + 1)]
+    shares = cluster_submit.shares(grid.cells, settings.jobs)
+    if len(shares) < settings.jobs:
+        console.print(f"the grid has {len(shares)} job(s) (cell families) to deal out: submitting {len(shares)} task(s), not {settings.jobs}", highlight=False)
+        settings.jobs = len(shares)
     filters = [f"--{name}={','.join(values)}" for name, values in (("heads", args.heads), ("datasets", args.datasets), ("backbones", args.backbones)) if values]
     run_args = ["--grid", str(Path(grid.path).resolve()), "--results", str(results_dir), *filters, *(f"--data-root={p}" for p in args.data_root)]
     if args.retry_failed:

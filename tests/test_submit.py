@@ -126,19 +126,26 @@ echo "Submitted batch job 4242"
 """
 
 
-def test_fake_sbatch_receives_the_array_the_resources_and_the_requeue_signal(
-    grid_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> None:
+@pytest.fixture
+def fake_sbatch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake ``sbatch`` (and ``srun``, which submitit looks for) first on PATH; returns its record."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sbatch").write_text(FAKE_SBATCH)
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit looks for srun before it submits
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(0o755)
     record = tmp_path / "sbatch.txt"
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SBATCH_RECORD", str(record))
     monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # submit() prepends the project: restored after
+    return record
+
+
+def test_fake_sbatch_receives_the_array_the_resources_and_the_requeue_signal(
+    fake_sbatch: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    record = fake_sbatch
     grid = tmp_path / "lab.toml"
     grid.write_text(GRID + '\n[submit]\nconstraint = "a100"\nsetup = ["module load cuda/12.4"]\nsignal_delay_s = 180\njobs = 5\n')
     out = tmp_path / "results"
@@ -170,6 +177,14 @@ def test_fake_sbatch_receives_the_array_the_resources_and_the_requeue_signal(
         cmd = launch_command(spec, nodes=1, node_rank=0, main_host="n1", cpus=16)
         assert cmd[cmd.index("--num_processes") + 1] == "4" and "--multi_gpu" in cmd
         assert cmd[cmd.index("--num_cpu_threads_per_process") + 1] == "4" and cmd[-2:] == ["--shard", f"{k}/2"]
+
+
+def test_more_jobs_than_cell_families_submits_one_task_per_family(fake_sbatch: Path, grid_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--grid", str(grid_file), "--results", str(tmp_path / "r"), "--submit", "slurm", "--jobs", "5"]) == 0
+    assert "the grid has 2 job(s) (cell families) to deal out: submitting 2 task(s), not 5" in capsys.readouterr().out
+    assert "#SBATCH --array=0-1%2" in fake_sbatch.read_text().splitlines()
+    specs = [DelayedSubmission.load(tmp_path / "r" / "submitit" / f"4242_{k}_submitted.pkl").function.spec for k in (0, 1)]
+    assert [(s.index, s.count, len(s.run_ids)) for s in specs] == [(1, 2, 1), (2, 2, 1)]
 
 
 def test_a_task_over_two_nodes_launches_one_machine_rank_per_node() -> None:

@@ -20,6 +20,7 @@ import submitit
 
 from bench.cluster.settings import SubmitSettings
 from bench.cluster.task import GridTask, TaskOutcome, TaskSpec
+from bench.config.grid import Cell, shard_cells
 from bench.core.atomic import atomic_write_bytes
 from bench.core.paths import PROJECT_ROOT
 
@@ -37,6 +38,13 @@ class Submission:
     @property
     def job_ids(self) -> list[str]:
         return [job.job_id for job in self.jobs]
+
+
+def shares(cells: list[Cell], jobs: int) -> list[tuple[str, ...]]:
+    """The run ids of shard K/N for K = 1..N, N = ``jobs`` or the number of cell families if the
+    grid has fewer (a task with an empty shard would have nothing to run)."""
+    count = sum(1 for k in range(1, jobs + 1) if shard_cells(cells, k, jobs))
+    return [tuple(c.run_id for c in shard_cells(cells, k, count)) for k in range(1, count + 1)]
 
 
 def task_specs(shares: list[tuple[str, ...]], run_args: list[str], results_dir: Path, settings: SubmitSettings) -> list[TaskSpec]:
