@@ -391,7 +391,8 @@ def _submit(args: argparse.Namespace, grid: Grid, console: Console) -> int:
         console.print(f"the grid has {len(shares)} job(s) (cell families) to deal out: submitting {len(shares)} task(s), not {settings.jobs}", highlight=False)
         settings.jobs = len(shares)
     filters = [f"--{name}={','.join(values)}" for name, values in (("heads", args.heads), ("datasets", args.datasets), ("backbones", args.backbones)) if values]
-    run_args = ["--grid", str(Path(grid.path).resolve()), "--results", str(results_dir), *filters, *(f"--data-root={p}" for p in args.data_root)]
+    filters += [f"--data-root={name}={Path(path).resolve()}" for name, path in _data_roots(args.data_root).items()]  # tasks start elsewhere
+    run_args = ["--grid", str(Path(grid.path).resolve()), "--results", str(results_dir), *filters]
     if args.retry_failed:
         run_args.append("--retry-failed")
     command = cluster_submit.status_command(Path(grid.path).resolve(), results_dir, filters)
