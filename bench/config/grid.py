@@ -74,7 +74,8 @@ CONFIG_DIR = PROJECT_ROOT / "configs"
 MAX_SEED = 2**32 - 1
 #: the largest integer any setting may take (numpy and torch hold integers as int64)
 MAX_INT64 = 2**63 - 1
-TOP_KEYS = ("description", "seeds", "recipe", "recipes", "tune", "datasets", "backbones", "heads", "run")
+# [submit]: scheduler settings for `--submit` (read and validated by bench/cluster/settings.py)
+TOP_KEYS = ("description", "seeds", "recipe", "recipes", "tune", "datasets", "backbones", "heads", "run", "submit")
 DATASET_KEYS = ("name", "root", "train_split", "test_split")
 BACKBONE_KEYS = ("name", "weights")
 RUN_KEYS: dict[str, tuple[type, Any, tuple[Any, ...] | None]] = {
