@@ -90,6 +90,26 @@ def test_seed_heads_declare_the_paper_sweeps() -> None:
     assert {name: declared_count(name) for name in SEED_HEADS} == SEED_HEADS
 
 
+def documented_count() -> int:
+    """The number of head configurations the README promises for the full grids."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    found = re.findall(r"every registered head with its declared sweep: (\d+) configurations", readme)
+    assert len(found) == 1, "README.md no longer states the full grid's count of head configurations"
+    return int(found[0])
+
+
+def test_full_grids_run_the_documented_count_of_configurations(no_roots: None) -> None:
+    """README's count, the heads' declared sweeps counted here, and the expanded grids agree: a
+    sweep edited without the README (or a grid expansion that drops configurations) fails."""
+    count = documented_count()
+    assert cells_per_setup() == count
+    grid = load_grid("full-embedded")
+    seeds = sorted({c.seed for c in grid.cells})
+    assert len(seeds) == 2 and len(grid.cells) == 2 * count
+    full = load_grid("full", data_roots={"voc2007": "/"})
+    assert len(full.cells) == 2 * 3 * count  # ResNet-50/101 x 3 seeds, voc2007 only
+
+
 def test_full_grid_cells(tmp_path: Path, no_roots: None) -> None:
     grid = load_grid("full", data_roots={"voc2007": str(tmp_path)})
     assert len(grid.cells) == 6 * cells_per_setup()
