@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 import torchvision
 
@@ -31,10 +32,8 @@ def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", _refuse)
     monkeypatch.setattr(torch.hub, "download_url_to_file", _refuse)
-    try:
-        import timm.models._builder as builder
-    except ImportError:
-        return
+    import timm.models._builder as builder
+
     for name in ("load_pretrained", "load_state_dict_from_hf", "load_state_dict_from_url", "download_cached_file", "load_custom_from_hf"):
         if hasattr(builder, name):
             monkeypatch.setattr(builder, name, _refuse)
@@ -234,9 +233,6 @@ def test_prefix_collision(tmp_path, resnet18):
 # timm backbones
 
 
-timm = pytest.importorskip("timm")
-
-
 def test_known_names():
     assert is_known_backbone("timm:resnet18") and is_known_backbone("timm:tf_efficientnet_lite0")
     assert not is_known_backbone("timm:no_such_model") and not is_known_backbone("no_such_model")
@@ -290,11 +286,28 @@ def test_timm_token_models_are_refused():
         build_backbone("timm:test_vit_relpos")
 
 
-def test_timm_channels_last_output_is_permuted():
-    """timm's hierarchical transformers give NHWC from forward_features; the backbone gives NCHW."""
-    backbone = build_backbone("timm:swin_tiny_patch4_window7_224")
-    assert backbone.out_channels == 768 and backbone.stride == 32
-    assert _features(backbone, torch.rand(1, 3, 224, 224)).shape == (1, 768, 7, 7)
+def test_timm_channels_last_output_is_permuted(tmp_path):
+    """timm's hierarchical models (Swin, MambaOut, ...) give NHWC from forward_features; the
+    backbone gives NCHW: out[b, c, i, j] == nhwc[b, i, j, c]. A non-square input tells a
+    permute that swaps h and w, and the values tell a reshape that keeps the shape."""
+    torch.manual_seed(3)
+    model = _randomised(timm.create_model("test_mambaout", pretrained=False), 5).eval()
+    assert str(model.output_fmt) == "NHWC"
+    path = tmp_path / "mambaout.pth"
+    torch.save(model.state_dict(), path)
+    backbone = build_backbone("timm:test_mambaout", weights=str(path))
+    assert backbone.out_channels == 64 and backbone.stride == 32
+    probe = torch.rand(2, 3, 96, 160)
+    out = _features(backbone, probe)
+    assert out.shape == (2, 64, 3, 5) and out.is_contiguous()
+    with torch.no_grad():
+        nhwc = model.forward_features(probe).double()  # [2, 3, 5, 64], default memory format
+    expected = torch.empty(2, 64, 3, 5, dtype=torch.float64)
+    for i in range(3):
+        for j in range(5):
+            expected[:, :, i, j] = nhwc[:, i, j, :]
+    assert expected.std() > 0.1  # the features vary over channels and positions
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_environment_is_offline():

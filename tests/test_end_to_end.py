@@ -57,10 +57,18 @@ def test_rerunning_a_finished_grid_trains_nothing(one_process_run: tuple[Path, P
     assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
 
 
-def test_two_processes_write_one_row_per_cell(tmp_path: Path, tiny_grid: Path) -> None:
-    result = run_cli("--grid", str(tiny_grid), "--results", str(tmp_path), launcher=accelerate_launch(2))
+@pytest.fixture(scope="module")
+def two_process_run(one_process_run: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny grid, unsharded, on two processes (gloo)."""
+    grid, _ = one_process_run
+    out = tmp_path_factory.mktemp("e2e2") / "results"
+    result = run_cli("--grid", str(grid), "--results", str(out), launcher=accelerate_launch(2))
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = load_all(tmp_path)
+    return out
+
+
+def test_two_processes_write_one_row_per_cell(two_process_run: Path) -> None:
+    rows = load_all(two_process_run)
     assert len(rows) == 2 and set(rows["status"]) == {"finished"}
     assert (rows["world_size"] == 2).all()  # a real 2-process gloo group, not two lone processes
 
@@ -94,16 +102,30 @@ def test_evaluation_on_two_processes_equals_one_process(one_process_run: tuple[P
         assert one[key] == pytest.approx(row[key], abs=1e-9), key  # and equal to the metrics at training time
 
 
-def test_two_shards_on_two_processes_each_equal_one_unsharded_run(one_process_run: tuple[Path, Path], tmp_path: Path) -> None:
-    grid, reference = one_process_run
+def test_two_shards_on_two_processes_each_equal_one_unsharded_run(one_process_run: tuple[Path, Path], two_process_run: Path, tmp_path: Path) -> None:
+    """Each shard trains its own share (one of the two cells), and the two shards together equal
+    the unsharded run on two processes, run by run. (Not the one-process run: tiny_cnn's
+    BatchNorm sees each process's half of the batch.)"""
+    grid, _ = one_process_run
+    reference = two_process_run
     shared = tmp_path / "results"
+    seen: set[str] = set()
     for shard in ("1/2", "2/2"):
         result = run_cli("--grid", str(grid), "--results", str(shared), "--shard", shard, launcher=accelerate_launch(2))
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"(shard {shard})" in result.stdout
+        assert "1 trained, 0 already done, 0 failed" in result.stdout, result.stdout[-2000:]
+        now = set(load_all(shared)["run_id"])
+        assert len(now - seen) == 1 and seen < now  # this shard's one cell, nothing of the other's
+        seen = now
     merged = run_cli("report", "--results", str(shared))
     assert merged.returncode == 0, merged.stderr[-3000:]
-    assert set(load_all(shared)["run_id"]) == set(load_all(reference)["run_id"])
+    mine, theirs = load_all(shared).set_index("run_id"), load_all(reference).set_index("run_id")
+    assert set(mine.index) == set(theirs.index) and (mine["world_size"] == 2).all()
+    for run_id in theirs.index:
+        assert mine.loc[run_id, "hparams"] == theirs.loc[run_id, "hparams"]
+        for metric in ("mAP", "CF1", "OF1", "final_train_loss"):
+            assert mine.loc[run_id, metric] == theirs.loc[run_id, metric], (run_id, metric)
     board = (shared / "leaderboard.md").read_text()
     assert "avg pool" in board and "max pool" in board
 

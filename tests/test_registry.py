@@ -50,10 +50,22 @@ def test_dropped_head_file_is_usable_in_a_grid_with_no_other_edit(tmp_path: Path
 def test_head_hparams_and_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert "baseline" in registry.list_heads()
     assert registry.head_hparams("baseline") == {"pool": "avg"}
-    head = registry.build_head("baseline", in_channels=8, num_classes=3, pool="max")
+    torch.manual_seed(0)
     x = torch.zeros(2, 8, 3, 3)
-    x[0, :, 1, 2] = 1.0
-    assert head(x).shape == (2, 3)
+    x[0, :, 1, 2] = 1.0  # one active position: its max is 1, its mean 1/9
+    x[1] = torch.rand(8, 3, 3) - 0.5
+    for pool, pooled in (("max", x.double().amax(dim=(2, 3))), ("avg", x.double().mean(dim=(2, 3)))):
+        head = registry.build_head("baseline", in_channels=8, num_classes=3, pool=pool).eval()
+        tensors = head.state_dict()
+        weight = next(v for v in tensors.values() if v.shape == (3, 8)).double()
+        bias = next(v for v in tensors.values() if v.shape == (3,)).double()
+        with torch.no_grad():
+            out = head(x)
+        assert out.shape == (2, 3)
+        # logits = W · pool(x) + b, in float64 here; max and average pooling give different numbers
+        torch.testing.assert_close(out.double(), pooled @ weight.T + bias, rtol=1e-5, atol=1e-6)
+        other = x.double().mean(dim=(2, 3)) if pool == "max" else x.double().amax(dim=(2, 3))
+        assert (out.double() - (other @ weight.T + bias)).abs().max() > 1e-2
 
 
 def test_unknown_head_lists_registered_heads() -> None:

@@ -162,8 +162,10 @@ class RunLock:
         return self._create()
 
     def refresh(self) -> None:
-        """Touch the lock (at most every ``REFRESH_EVERY_S``) so other hosts see it is alive."""
-        if self.held and time.monotonic() - self._last_refresh > REFRESH_EVERY_S:
+        """Touch the lock (at most every ``REFRESH_EVERY_S``, and at least four times per
+        ``stale_after``, so a short ``HEADBENCH_LOCK_STALE_S`` never lets a live owner's lock go
+        stale) so other hosts see it is alive."""
+        if self.held and time.monotonic() - self._last_refresh > min(REFRESH_EVERY_S, self.stale_after / 4):
             try:
                 os.utime(self.path)
             except FileNotFoundError:
