@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -93,9 +92,5 @@ class Trunk:
 
 
 def make_selector(cell: Cell, inputs: Inputs, accelerator: Accelerator) -> EpochSelector:
-    """The cell's model selection (recipe ``select``), scoring the validation images or the test split."""
-    mode = cell.recipe.select
-    items: Callable[[], Any] | None = {"best_val": lambda: inputs.val, "best_test": lambda: inputs.test}.get(mode)
-    batch_size = eval_batch_size(cell.recipe, accelerator.num_processes)
-    make_loader = (lambda: accelerator.prepare(array_loader(items(), batch_size=batch_size))) if items is not None else None
-    return EpochSelector(mode, accelerator, make_loader, inputs.prepare_eval, len(inputs.val) if inputs.val is not None else 0)
+    """The cell's model selection (recipe ``select``; the pass scores the validation images or the test split)."""
+    return EpochSelector(cell.recipe.select, accelerator, len(inputs.val) if inputs.val is not None else 0)
