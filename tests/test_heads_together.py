@@ -370,6 +370,96 @@ def test_two_processes_train_the_group_as_one_process_does(frozen_grid: tuple[Pa
         assert mine.loc[run_id, "mAP"] == pytest.approx(reference.loc[run_id, "mAP"], abs=2e-4), mine.loc[run_id, "head"]
 
 
+MISBEHAVING = '''
+import torch
+from torch import nn
+from bench.api import Head, register_head
+
+
+class Probe(Head):
+    def __init__(self, in_channels: int, num_classes: int, context=None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def logits(self, x):
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@register_head("bn_mlp_probe")
+class BatchNormMLP(Head):
+    """A common MLP head: BatchNorm1d cannot run a training forward on a batch of one."""
+    def __init__(self, in_channels: int, num_classes: int, context=None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_channels, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.net(x.mean(dim=(2, 3)))
+
+
+@register_head("raising_probe")
+class Raising(Probe):
+    def forward(self, x):
+        raise RuntimeError("probe: forward refuses")
+
+
+@register_head("tuple_probe")
+class Pair(Probe):
+    def forward(self, x):
+        return self.logits(x), self.logits(x)
+
+
+@register_head("detached_probe")
+class Detached(Probe):
+    def forward(self, x):
+        return self.logits(x).detach()
+
+
+@register_head("integer_probe")
+class Integer(Probe):
+    def forward(self, x):
+        return (self.logits(x) > 0).long()
+'''
+
+
+def test_a_misbehaving_head_costs_only_its_own_row_and_fails_as_it_does_alone(frozen_grid: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Issue 26 (1, 2): a BatchNorm MLP head trains in a group as alone (the memory estimate's
+    forward on one feature map cannot crash the launch); a head that raises in forward, returns a
+    tuple, a detached or an integer tensor fails in the group exactly as alone (no gradient: failed,
+    not an untrained ``finished``), and every other head finishes with its one-at-a-time numbers."""
+    plugins = tmp_path / "heads"
+    plugins.mkdir()
+    (plugins / "misbehaving.py").write_text(MISBEHAVING)
+    grid, _env = frozen_grid
+    text = grid.read_text().replace('[[heads]]\nname = "slow_probe"\n', "").replace("epochs = 3", "epochs = 2")
+    text = text.replace('[[heads]]\nname = "csra_free"\n', "")
+    text += "".join(f'[[heads]]\nname = "{n}"\n' for n in ("bn_mlp_probe", "raising_probe", "tuple_probe", "detached_probe", "integer_probe"))
+    env = {"HEADBENCH_HEADS_PATH": str(plugins)}
+    out = {}
+    for together in (False, True):
+        g = tmp_path / f"g_{together}.toml"
+        g.write_text(text + f"[run]\nheads_together = {str(together).lower()}\n")
+        out[together] = tmp_path / f"results_{together}"
+        result = run_cli("--grid", str(g), "--results", str(out[together]), env=env)
+        assert result.returncode == 1, result.stderr[-3000:]  # some runs failed; no crash, every row written
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    alone, together = load_all(out[False]).set_index("run_id"), load_all(out[True]).set_index("run_id")
+    assert set(alone.index) == set(together.index) and len(alone) == 9
+    assert together.loc[together["status"] == "finished", "trained_with"].map(lambda t: t is not None and t["size"] >= 2).all()
+    status = together.set_index("head")["status"].to_dict()
+    assert status == alone.set_index("head")["status"].to_dict() == {
+        "baseline": "finished", "csra": "finished", "bn_mlp_probe": "finished", "raising_probe": "failed",
+        "tuple_probe": "failed", "detached_probe": "failed", "integer_probe": "failed",
+    }
+    failed = alone[alone["status"] == "failed"]
+    assert (together.loc[failed.index, "error_type"] == failed["error_type"]).all()
+    assert (together.loc[failed.index, "error"] == failed["error"]).all()
+    assert dict(zip(failed["head"], failed["error_type"])) == {
+        "raising_probe": "RuntimeError", "tuple_probe": "AttributeError", "detached_probe": "NoGradient", "integer_probe": "NoGradient",
+    }
+    ok = alone[alone["status"] == "finished"].index
+    assert_same_runs(together.loc[ok], alone.loc[ok], out[True], out[False])
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------
