@@ -26,6 +26,7 @@ from bench.engine.inputs import Inputs, Trunk
 from bench.engine.interrupt import StopRequest
 from bench.engine.launch import RunContext
 from bench.engine.members import Member
+from bench.engine.predictions import Predictions
 from bench.engine.progress import Progress
 from bench.engine.saved_runs import frozen_backbone, load_trained, run_config
 from bench.engine.streams import RngStream
@@ -38,6 +39,13 @@ from bench.results import store as results
 
 def evaluate_run(run_id: str, results_dir: Path, accelerator: Accelerator, data_root: str | None = None) -> dict[str, float]:
     """Re-evaluate a finished run's saved weights on its test split; return the metrics."""
+    preds = predict_run(run_id, results_dir, accelerator, data_root)
+    return multilabel_metrics(preds.scores, preds.targets, preds.ignore)
+
+
+def predict_run(run_id: str, results_dir: Path, accelerator: Accelerator, data_root: str | None = None) -> Predictions:
+    """A finished run's test-split predictions from its saved weights (scores [N, C] in the test
+    split's order, as the run's score file holds them)."""
     row = results.run_row(results_dir, run_id)
     status = row.get("status")
     if status != "finished":
@@ -71,4 +79,4 @@ def evaluate_run(run_id: str, results_dir: Path, accelerator: Accelerator, data_
     if member.failure is not None:
         raise member.failure.exception or RuntimeError(member.failure.error)
     assert preds is not None
-    return multilabel_metrics(preds.scores, preds.targets, preds.ignore)
+    return preds
