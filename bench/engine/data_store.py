@@ -41,7 +41,7 @@ class DataWarning(UserWarning):
     """A dataset mistake that does not stop the run but changes what its numbers mean."""
 
 
-def check_validation_labels(val: CachedSplit, dataset: str, fraction: float) -> None:
+def check_validation_labels(val: image_cache.CachedSplit, dataset: str, fraction: float) -> None:
     """A validation split without any positive label cannot rank epochs: say so before training."""
     if not evaluated_classes(val.targets, val.ignore).any():
         raise DataError(

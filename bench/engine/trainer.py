@@ -44,6 +44,8 @@ from bench.engine.losses import make_loss
 from bench.engine.members import Member, MemberModules, unwrap, wrap
 from bench.engine.optim import MemberOptimizer
 from bench.engine.predictions import Predictions
+from bench.engine.selection import EpochSelector
+from bench.engine.streams import RngStream
 
 
 class Trainer:
@@ -347,3 +349,12 @@ class Trainer:
         for i, p in preds.items():
             self.members[i].preds = p
         self.task.done()
+
+
+def trainer_of_one(cell: Any, model: Any, inputs: Any, ctx: RunContext) -> Trainer:
+    """A pass of one member that trains ``model`` (a ``Classifier``) whole on ``inputs``, as a
+    finetuned cell's job does; ``build`` and ``run_epoch`` then time its epochs (bench/perf)."""
+    stream = RngStream.capture(ctx.accelerator.device)
+    member = Member(cell, None, model.head, model, model, model, stream, ({}, stream.copy()), backbone=model.backbone)
+    member.selector = EpochSelector(cell.recipe.select, ctx.accelerator)
+    return Trainer([member], Trunk(model, inputs, shared_backbone=False), ctx)
