@@ -66,7 +66,7 @@ def check_state_files(folder: Path) -> None:
         path = folder / name
         if not path.is_file():
             raise ValueError(f"missing {name}")
-    for path in sorted(folder.glob("*.pt")):
+    for path in sorted(folder.glob("*.pt"), key=lambda p: (p.name != STATE, p.name)):  # the state first
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - torch and pickle each raise their own
