@@ -304,8 +304,8 @@ def render_together(machine: str, command: str, a: dict[str, Any] | None, cached
         lim0 = limits[0][1]["limit"]
         lines += [
             "### (d) Distance to the limit", "",
-            "A group's training epoch (the real `GroupTrainer` epoch: loader, features once per batch, every head, one backward,",
-            "one optimizer step, its per-step checks) over its floor: one pass of the loader with the frozen backbone on the",
+            "A group's training epoch (the real `Trainer.run_epoch` of the pass: loader, features once per batch, every head, the backward,",
+            "each head's optimizer step, its per-step checks) over its floor: one pass of the loader with the frozen backbone on the",
             "augmented batches (or one read of the cached features), plus each head's own forward and backward on the same",
             f"feature batches, head after head. Timed in turn on the first {lim0['batches']} batches, {lim0['repeats']} times (the repeat with the median",
             "ratio is shown, in seconds per full epoch), so the machine's changing load stays out of the ratio; the heads' own",

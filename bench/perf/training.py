@@ -357,7 +357,7 @@ def render(machine: str, command: str, a: dict | None, b: dict | None, c: dict |
             f"`tiny_cnn` + average-pool baseline, {b['num_train']} images of 64 px, batch 64, AdamW; median of {b['epochs']} alternating epochs each.", "",
             "| loop | epoch (s) |", "|---|---:|",
             f"| minimal hand-written loop | {b['minimal_s']:.3f} |",
-            f"| harness `train_epoch` (accelerate, scheduler, per-step finiteness/stop check) | {b['harness_s']:.3f} |",
+            f"| harness `Trainer.run_epoch` (a pass of one member: schedule, per-step finiteness / failure / stop check) | {b['harness_s']:.3f} |",
             f"| **overhead** | **{100 * b['overhead']:+.1f} %** (target ≤ 5 %: {_verdict_percent(100 * b['overhead'], 5, '≤')}) |", "",
             f"All epochs (s) — harness: {', '.join(f'{x:.3f}' for x in b['harness_all'])}; minimal: {', '.join(f'{x:.3f}' for x in b['minimal_all'])}.", "",
         ]
