@@ -11,7 +11,7 @@ import torch
 from bench.api.registry import build_loss, list_losses
 from bench.config.recipe import resolve_recipe
 from bench.core.errors import UsageError
-from bench.engine.loop import make_loss
+from bench.engine.losses import make_loss
 
 
 def sigmoid(x: float) -> float:

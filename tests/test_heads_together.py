@@ -1,5 +1,5 @@
-"""Heads trained together on a frozen backbone (bench/engine/group.py) equal heads trained one at a
-time; a group killed in the middle resumes; a partly finished group trains only the rest; two
+"""Heads trained together on a frozen backbone (one pass of bench/engine/trainer.py) equal heads
+trained one at a time; a group killed in the middle resumes; a partly finished group trains only the rest; two
 processes give the one-process results."""
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def project_heads() -> list[str]:
     return [name for name in list_heads() if source_file(head_class(name)).startswith("heads/")]
 from bench.config.grid import head_group_key, load_grid, shard_cells
 from bench.core.errors import UsageError
-from bench.engine import group as G
+from bench.engine import memory
+from bench.engine import trainer as trainer_module
+from bench.engine.streams import RngStream
 from bench.results import store as results
 from bench.results.store import load_all
 
@@ -157,20 +159,41 @@ def assert_same_runs(mine, theirs, results_mine: Path, results_theirs: Path, exa
             torch.testing.assert_close(wa[key], wb[key], rtol=1e-5, atol=1e-6, msg=f"{b['head']} {key}")
 
 
+def head_estimates(grid_file: Path) -> list[int]:
+    """Each trained head's memory estimate (bench.engine.memory), in grid order, as the pass makes it."""
+    from bench.api.context import HeadContext
+    from bench.api.registry import build_dataset, build_head
+    from bench.models.backbones import build_backbone
+
+    cells = [c for c in load_grid(str(grid_file)).cells if c.source_run_id is None]
+    backbone = build_backbone(cells[0].backbone)
+    size = cells[0].recipe.image_size
+    with torch.no_grad():
+        shape = tuple(backbone.eval()(torch.zeros(1, 3, size, size)).shape[1:])
+    train = build_dataset(cells[0].dataset, cells[0].root, cells[0].train_split, **cells[0].dataset_options)
+    context = HeadContext.from_labels(train.classes, train.targets, train.ignore)
+    c = len(train.classes)
+    return [memory.head_training_bytes(build_head(x.head, shape[0], c, context, **x.hparams), shape, x.recipe.batch_size, x.recipe) for x in cells]
+
+
 def test_every_head_family_together_equals_one_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Augmented batches through a frozen backbone, per-epoch validation, dropout heads: each head
     trained in the group gets the numbers it gets alone (every registered head, defaults)."""
     grid_file = tmp_path / "augmented.toml"
     grid_file.write_text(AUGMENTED + "".join(f'[[heads]]\nname = "{name}"\n' for name in project_heads()))
-    # two passes of at most 3 heads each: the memory split is exercised too
-    monkeypatch.setattr(G, "split_by_memory", lambda sizes, budget: [list(range(i, min(i + 3, len(sizes)))) for i in range(0, len(sizes), 3)])
+    # the real memory split under a budget of half the heads' summed estimates: several passes
+    sizes = head_estimates(grid_file)
+    budget = sum(sizes) // 2
+    monkeypatch.setenv(memory.MEMORY_ENV, repr(budget / 2**20))
     alone = run_in_process(grid_file, tmp_path / "alone", False, monkeypatch)
     together = run_in_process(grid_file, tmp_path / "together", True, monkeypatch)
     assert_same_runs(together, alone, tmp_path / "together", tmp_path / "alone")
     trained = together[together["source_run_id"].isna()]
     derived = together[together["source_run_id"].notna()]
-    assert len(trained) >= 2 and trained["trained_with"].map(lambda t: t is not None and 1 <= t["size"] <= 3).all()
-    assert len({t["id"] for t in trained["trained_with"]}) == -(-len(trained) // 3)  # one id per pass
+    passes = {t["id"]: t["size"] for t in trained["trained_with"]}
+    assert len(trained) == len(sizes) >= 2 and sum(passes.values()) == len(trained)
+    assert len(passes) == len(memory.split_by_memory(sizes, budget)) >= 2  # the split the budget gives
+    assert max(passes.values()) >= 2  # and heads do share a pass
     assert derived["trained_with"].isna().all() and alone["trained_with"].isna().all()
     # a row of the group has every column a row of its own has
     for run_id in alone.index:
@@ -188,24 +211,24 @@ def test_a_group_that_runs_out_of_memory_trains_in_halves_with_the_same_numbers(
     grid, _env = frozen_grid
     light = tmp_path / "light.toml"
     light.write_text(grid.read_text().replace('[[heads]]\nname = "slow_probe"\n', "").replace("epochs = 3", "epochs = 2"))
-    real_epoch = G.GroupTrainer._epoch
+    real_epoch = trainer_module.Trainer.run_epoch
     raised = []
 
     def epoch(self, *args, **kwargs):
-        if len(self.members) > 2 and args[-1] > 0 and not raised:  # first_step > 0: the second epoch
+        if len(self.members) > 2 and self.members[0].record.losses and not raised:  # an epoch done: the second
             raised.append(len(self.members))
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real_epoch(self, *args, **kwargs)
 
-    real_load, loaded = G.HeadCheckpoints.load, []
+    real_load, loaded = trainer_module.load_member, []
 
-    def load(self, folder, progress, member, *args):
+    def load(folder, progress, member, *args):
         loaded.append(progress["epoch"])
-        return real_load(self, folder, progress, member, *args)
+        return real_load(folder, progress, member, *args)
 
     alone = run_in_process(light, tmp_path / "alone", False, monkeypatch)
-    monkeypatch.setattr(G.GroupTrainer, "_epoch", epoch)
-    monkeypatch.setattr(G.HeadCheckpoints, "load", load)
+    monkeypatch.setattr(trainer_module.Trainer, "run_epoch", epoch)
+    monkeypatch.setattr(trainer_module, "load_member", load)
     together = run_in_process(light, tmp_path / "together", True, monkeypatch)
     assert raised == [4] and loaded == [0, 0, 0, 0]
     assert_same_runs(together, alone, tmp_path / "together", tmp_path / "alone")
@@ -311,7 +334,7 @@ def test_a_killed_group_resumes_and_a_partly_finished_group_trains_only_the_rest
                             cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     # SIGKILL once every member has saved its first epoch (the slow probe keeps the group in epoch 2 or 3)
-    while len(list((out / "checkpoints").glob("*/group_epoch_0000/progress.json"))) < len(members) and time.time() < deadline and proc.poll() is None:
+    while len(list((out / "checkpoints").glob("*/epoch_0000/progress.json"))) < len(members) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     locks = {p.stem for p in (out / "locks").glob("*.lock")}
     proc.send_signal(signal.SIGKILL)
@@ -347,15 +370,105 @@ def test_two_processes_train_the_group_as_one_process_does(frozen_grid: tuple[Pa
         assert mine.loc[run_id, "mAP"] == pytest.approx(reference.loc[run_id, "mAP"], abs=2e-4), mine.loc[run_id, "head"]
 
 
+MISBEHAVING = '''
+import torch
+from torch import nn
+from bench.api import Head, register_head
+
+
+class Probe(Head):
+    def __init__(self, in_channels: int, num_classes: int, context=None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def logits(self, x):
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+@register_head("bn_mlp_probe")
+class BatchNormMLP(Head):
+    """A common MLP head: BatchNorm1d cannot run a training forward on a batch of one."""
+    def __init__(self, in_channels: int, num_classes: int, context=None) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_channels, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.net(x.mean(dim=(2, 3)))
+
+
+@register_head("raising_probe")
+class Raising(Probe):
+    def forward(self, x):
+        raise RuntimeError("probe: forward refuses")
+
+
+@register_head("tuple_probe")
+class Pair(Probe):
+    def forward(self, x):
+        return self.logits(x), self.logits(x)
+
+
+@register_head("detached_probe")
+class Detached(Probe):
+    def forward(self, x):
+        return self.logits(x).detach()
+
+
+@register_head("integer_probe")
+class Integer(Probe):
+    def forward(self, x):
+        return (self.logits(x) > 0).long()
+'''
+
+
+def test_a_misbehaving_head_costs_only_its_own_row_and_fails_as_it_does_alone(frozen_grid: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """Issue 26 (1, 2): a BatchNorm MLP head trains in a group as alone (the memory estimate's
+    forward on one feature map cannot crash the launch); a head that raises in forward, returns a
+    tuple, a detached or an integer tensor fails in the group exactly as alone (no gradient: failed,
+    not an untrained ``finished``), and every other head finishes with its one-at-a-time numbers."""
+    plugins = tmp_path / "heads"
+    plugins.mkdir()
+    (plugins / "misbehaving.py").write_text(MISBEHAVING)
+    grid, _env = frozen_grid
+    text = grid.read_text().replace('[[heads]]\nname = "slow_probe"\n', "").replace("epochs = 3", "epochs = 2")
+    text = text.replace('[[heads]]\nname = "csra_free"\n', "")
+    text += "".join(f'[[heads]]\nname = "{n}"\n' for n in ("bn_mlp_probe", "raising_probe", "tuple_probe", "detached_probe", "integer_probe"))
+    env = {"HEADBENCH_HEADS_PATH": str(plugins)}
+    out = {}
+    for together in (False, True):
+        g = tmp_path / f"g_{together}.toml"
+        g.write_text(text + f"[run]\nheads_together = {str(together).lower()}\n")
+        out[together] = tmp_path / f"results_{together}"
+        result = run_cli("--grid", str(g), "--results", str(out[together]), env=env)
+        assert result.returncode == 1, result.stderr[-3000:]  # some runs failed; no crash, every row written
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    alone, together = load_all(out[False]).set_index("run_id"), load_all(out[True]).set_index("run_id")
+    assert set(alone.index) == set(together.index) and len(alone) == 9
+    assert together.loc[together["status"] == "finished", "trained_with"].map(lambda t: t is not None and t["size"] >= 2).all()
+    status = together.set_index("head")["status"].to_dict()
+    assert status == alone.set_index("head")["status"].to_dict() == {
+        "baseline": "finished", "csra": "finished", "bn_mlp_probe": "finished", "raising_probe": "failed",
+        "tuple_probe": "failed", "detached_probe": "failed", "integer_probe": "failed",
+    }
+    failed = alone[alone["status"] == "failed"]
+    assert (together.loc[failed.index, "error_type"] == failed["error_type"]).all()
+    assert (together.loc[failed.index, "error"] == failed["error"]).all()
+    assert dict(zip(failed["head"], failed["error_type"])) == {
+        "raising_probe": "RuntimeError", "tuple_probe": "AttributeError", "detached_probe": "NoGradient", "integer_probe": "NoGradient",
+    }
+    ok = alone[alone["status"] == "finished"].index
+    assert_same_runs(together.loc[ok], alone.loc[ok], out[True], out[False])
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces
 # ---------------------------------------------------------------------------------------------
 
 
 def test_memory_split_is_greedy_and_keeps_an_oversized_head_alone() -> None:
-    assert G.split_by_memory([3, 3, 3, 3], 7) == [[0, 1], [2, 3]]
-    assert G.split_by_memory([2, 9, 2, 2, 2], 5) == [[0], [1], [2, 3], [4]]
-    assert G.split_by_memory([1, 1, 1], 100) == [[0, 1, 2]]
+    assert memory.split_by_memory([3, 3, 3, 3], 7) == [[0, 1], [2, 3]]
+    assert memory.split_by_memory([2, 9, 2, 2, 2], 5) == [[0], [1], [2, 3], [4]]
+    assert memory.split_by_memory([1, 1, 1], 100) == [[0, 1, 2]]
 
 
 def test_memory_estimate_of_a_linear_head_by_hand() -> None:
@@ -375,23 +488,23 @@ def test_memory_estimate_of_a_linear_head_by_hand() -> None:
     d, c, batch = 32, 5, 16
     head = Pool(d, c)
     before = torch.get_rng_state()
-    got = G.head_training_bytes(head, (d, 4, 4), batch, resolve_recipe({"optimizer": "adamw"}, "test"))
+    got = memory.head_training_bytes(head, (d, 4, 4), batch, resolve_recipe({"optimizer": "adamw"}, "test"))
     assert torch.equal(before, torch.get_rng_state())
     assert got == batch * (4 * d + 4 * c) + 4 * (d * c + c) * (2 + 2)
 
 
 def test_memory_budget_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(G.MEMORY_ENV, "1.5")
-    assert G.memory_budget(torch.device("cpu")) == int(1.5 * 2**20)
-    monkeypatch.setenv(G.MEMORY_ENV, "lots")
-    with pytest.raises(UsageError, match=G.MEMORY_ENV):
-        G.memory_budget(torch.device("cpu"))
+    monkeypatch.setenv(memory.MEMORY_ENV, "1.5")
+    assert memory.memory_budget(torch.device("cpu")) == int(1.5 * 2**20)
+    monkeypatch.setenv(memory.MEMORY_ENV, "lots")
+    with pytest.raises(UsageError, match=memory.MEMORY_ENV):
+        memory.memory_budget(torch.device("cpu"))
 
 
 def test_rng_streams_are_private_to_each_head() -> None:
     torch.manual_seed(0)
     outer_before = torch.get_rng_state()
-    a, b = G.RngStream.capture(torch.device("cpu")), G.RngStream.capture(torch.device("cpu"))
+    a, b = RngStream.capture(torch.device("cpu")), RngStream.capture(torch.device("cpu"))
     with a:
         first = torch.rand(3)
     with b:

@@ -346,6 +346,23 @@ def test_frozen_protocol_and_last_read_the_test_split_only_after_training(select
     assert row["train_images"] + row["val_images"] == 120 and row["val_images"] == (12 if select == "best_val" else 0)
 
 
+@pytest.mark.parametrize("recipe", ['protocol = "frozen"\naugment = "none"', 'freeze_backbone = true\nselect = "best_val"'])
+def test_a_group_of_heads_trained_together_reads_the_test_split_only_after_its_last_step(recipe: str, tmp_path: Path) -> None:
+    """Two heads on a frozen backbone train in ONE pass (the default): the test split (labels or
+    images) is read only after the last training step of both, as for a run of its own."""
+    grid = write_grid(tmp_path, PROBE_GRID.format(recipe=recipe, tag=f"group_{len(recipe)}").replace("flip_after = 4", "flip_after = [4, 1000]"))
+    log = tmp_path / "probe.log"
+    rows = run(grid, tmp_path / "results", log)
+    assert len(rows) == 2 and all(r["trained_with"]["size"] == 2 for r in rows)  # one pass of two heads
+    seen = events(log)
+    train = [i for i, e in enumerate(seen) if e == "train"]
+    test = [i for i, e in enumerate(seen) if e.startswith("test")]
+    # 2 heads x 3 epochs x steps; (the memory estimate adds one probe forward per head, before training)
+    assert len(train) >= 2 * 3 * STEPS_PER_EPOCH
+    assert test, "the test split was never read"
+    assert max(train) < min(test), f"test split read at event {min(test)}, before training step at event {max(train)}"
+
+
 def test_best_test_reads_the_test_split_after_every_epoch(tmp_path: Path) -> None:
     """The positive control of the observation above: a best_test run is seen reading early."""
     log = tmp_path / "probe.log"

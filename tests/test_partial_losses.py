@@ -12,7 +12,7 @@ import torch
 
 from bench.api.registry import build_loss
 from bench.config.recipe import Recipe, resolve_recipe
-from bench.engine.loop import make_loss
+from bench.engine.losses import make_loss
 from bench.models.losses import loss_params
 
 # a 2 x 5 batch: logits, targets, observed mask (True = observed)

@@ -165,30 +165,34 @@ def test_damaged_weights_are_a_usage_error_naming_the_file(copy: Path, grid_file
 
 
 def _checkpoint(folder: Path, progress: dict, damaged: str) -> None:
-    """A checkpoint folder as ``accelerator.save_state`` lays it out, with ``damaged`` unreadable."""
-    from accelerate import Accelerator
+    """A checkpoint folder as the trainer lays it out (bench/engine/checkpoints.py), with
+    ``damaged`` unreadable."""
+    from bench.engine.optim import MemberOptimizer
+    from bench.engine.streams import RngStream
 
-    accelerator = Accelerator(cpu=True)
     model = nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    accelerator.prepare(model, optimizer, scheduler)
-    accelerator.save_state(str(folder))
+    from bench.config.recipe import resolve_recipe
+
+    recipe = resolve_recipe({"optimizer": "sgd", "momentum": 0.9}, "test")
+    optimizer = MemberOptimizer(None, model, recipe, 4, list(model.parameters()))
+    folder.mkdir(parents=True)
+    torch.save({"module": model.state_dict(), "optimizer": optimizer.state_dict()}, folder / "state.pt")
+    torch.save(RngStream.capture(torch.device("cpu")).state_dict(), folder / "rng_0.pt")
     (folder / "progress.json").write_text(json.dumps(progress))
     if damaged:
         _truncate(folder / damaged)
 
 
-GOOD_PROGRESS = {"epoch": 0, "seconds": 1.0, "images": 64, "losses": [0.7]}
+GOOD_PROGRESS = {"epoch": 0, "seconds": 1.0, "images": 64, "losses": [0.7], "steps_per_epoch": 4}
 
 
 @pytest.mark.parametrize(
     ("progress", "damaged", "reason"),
     [
-        (GOOD_PROGRESS, "model.safetensors", "model.safetensors cannot be read"),
-        (GOOD_PROGRESS, "optimizer.bin", "optimizer.bin cannot be read"),
-        (GOOD_PROGRESS, "random_states_0.pkl", "random_states_0.pkl cannot be read"),
+        (GOOD_PROGRESS, "state.pt", "state.pt cannot be read"),
+        (GOOD_PROGRESS, "rng_0.pt", "rng_0.pt cannot be read"),
         ({"epoch": 0}, "", "no valid 'seconds'"),
+        ({k: v for k, v in GOOD_PROGRESS.items() if k != "steps_per_epoch"}, "", "no valid 'steps_per_epoch'"),
         ({**GOOD_PROGRESS, "epoch": 3}, "", "says epoch 3"),
     ],
 )
@@ -220,12 +224,12 @@ def test_damaged_epoch_checkpoint_is_discarded_and_the_run_restarts(reference: P
     folder = out / "checkpoints" / run_id / "epoch_0000"
     folder.mkdir(parents=True)
     (folder / "progress.json").write_text(json.dumps(GOOD_PROGRESS))
-    for file in ("model.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+    for file in ("state.pt", "rng_0.pt"):
         (folder / file).write_bytes(b"\x00garbage" * 10)
     with pytest.warns(UserWarning) as record:
         assert main(["--grid", str(grid), "--results", str(out)]) == 0
     said = [str(w.message) for w in record if "discarding damaged checkpoint" in str(w.message)]
-    assert len(said) == 1 and "restarts from the first epoch" in said[0] and "model.safetensors cannot be read" in said[0]
+    assert len(said) == 1 and "restarts from the first epoch" in said[0] and "state.pt cannot be read" in said[0]
     mine, theirs = results.run_row(out, run_id), results.run_row(reference, run_id)
     assert mine["status"] == "finished" and mine["mAP"] == theirs["mAP"]  # restarted from scratch: the same number
     assert not (out / "checkpoints" / run_id).exists()

@@ -10,7 +10,7 @@ from torch import nn
 
 from bench.config.recipe import resolve_recipe
 from bench.data.augment import augment, to_float
-from bench.engine.loop import make_loss
+from bench.engine.losses import make_loss
 from bench.engine.optim import lr_factor, make_optimizer
 from bench.models.backbones import build_backbone
 from bench.models.classifier import Classifier

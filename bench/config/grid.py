@@ -31,7 +31,7 @@ A grid file (``configs/<name>.toml``)::
 
     [run]                    # execution settings, not part of a run's identity
     save_weights = "all"
-    heads_together = true    # frozen backbone: a cell group's heads train in one pass (bench/engine/group.py)
+    heads_together = true    # frozen backbone: a cell group's heads train in one pass (bench/engine/job.py, trainer.py)
 
 A cell's identity (``run_id``) is the hash of its resolved configuration: dataset name, options and
 splits; backbone and weights; head and every hyper-parameter (defaults filled in); the resolved
@@ -81,7 +81,7 @@ BACKBONE_KEYS = ("name", "weights")
 RUN_KEYS: dict[str, tuple[type, Any, tuple[Any, ...] | None]] = {
     "save_weights": (str, "all", ("all", "head", "none")),
     "checkpoint": (str, "epoch", ("epoch", "none")),
-    # frozen backbone: train a cell group's heads in one pass (bench/engine/group.py); false: one at a time
+    # frozen backbone: train a cell group's heads in one pass (bench/engine/job.py, trainer.py); false: one at a time
     "heads_together": (bool, True, (True, False)),
 }
 

@@ -1,15 +1,19 @@
-"""Per-epoch training checkpoints, so a killed run continues from its last finished epoch.
+"""Epoch checkpoints, one format for every run, so a killed run continues from its last epoch.
 
-``results/checkpoints/<run_id>/epoch_NNNN/`` holds ``accelerator.save_state`` output (model,
-optimizer, scheduler, every process's RNG states; loaded back with ``weights_only=True``) plus
-``progress.json`` (epochs done, training seconds and images so far, losses). A checkpoint is
-saved into ``epoch_NNNN.tmp`` by all processes and renamed by the main process once complete, so
-a folder without ``.tmp`` is always whole. Only the newest is kept; all are removed when the run's
-row is written.
+``results/checkpoints/<run_id>/epoch_NNNN/`` holds, for one member of a pass:
 
-Before a checkpoint is used, every file in it is read back (:meth:`EpochCheckpoints.latest`). One
-that cannot be (damaged by a disk, truncated by a copy, edited by hand) is discarded with a warning
-naming it, and the run restarts from its first epoch, instead of failing on every retry.
+- ``state.pt``: the weights of the module it trains and its optimizer's state (with the schedule's
+  step and, under fp16, the loss scaler), loaded back with ``weights_only=True``;
+- ``rng_<process>.pt``: its random streams on each process (bench.engine.streams);
+- ``progress.json``: epochs done, training seconds and images so far, losses, steps per epoch and
+  the model selection's record; ``selection_best.safetensors``: the best epoch's weights.
+
+A checkpoint is saved into ``epoch_NNNN.tmp`` and renamed by the main process once whole, so a
+folder without ``.tmp`` is always complete; only the newest is kept, and all are removed when the
+run's row is written. Before a checkpoint is used every file in it is read back
+(:meth:`EpochCheckpoints.latest`); one that cannot be (damaged by a disk, truncated by a copy,
+edited by hand, or written by an older version in another format) is discarded with a warning
+naming it, and the run restarts from its first epoch instead of failing on every retry.
 """
 
 from __future__ import annotations
@@ -18,17 +22,15 @@ import json
 import math
 import shutil
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 
 PROGRESS = "progress.json"
-#: accelerate's ``save_state`` file names: the model (safetensors, or a pickle with
-#: ``safe_serialization=False``), optimizer, scheduler, and process 0's RNG states
-MODEL_FILES = ("model.safetensors", "pytorch_model.bin")
-REQUIRED_FILES = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
+STATE = "state.pt"
+PREFIX = "epoch_"
 
 
 class DamagedCheckpointWarning(UserWarning):
@@ -51,36 +53,32 @@ def check_progress(progress: object, epoch: int) -> dict[str, Any]:
     losses = progress.get("losses")
     if not isinstance(losses, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in losses):
         raise ValueError(f"{PROGRESS} has no valid 'losses' list")
+    steps = progress.get("steps_per_epoch")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{PROGRESS} has no valid 'steps_per_epoch' (got {steps!r})")
     return progress
 
 
 def check_state_files(folder: Path) -> None:
-    """Read back every file ``accelerator.save_state`` wrote into ``folder`` (with the loaders
-    ``load_state`` uses); ``ValueError`` naming the first that is missing or unreadable."""
-    from accelerate.utils import load
-    from safetensors.torch import load_file
-
-    if not any((folder / name).is_file() for name in MODEL_FILES):
-        raise ValueError(f"no model file ({' or '.join(MODEL_FILES)})")
-    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
-    if missing:
-        raise ValueError(f"missing {', '.join(missing)}")
-    for path in sorted(folder.iterdir()):
-        if path.name == PROGRESS or not path.is_file():
-            continue
+    """Read back the state and random-stream files of ``folder``; ``ValueError`` naming the first
+    that is missing or unreadable."""
+    for name in (STATE, "rng_0.pt"):
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"missing {name}")
+    for path in sorted(folder.glob("*.pt"), key=lambda p: (p.name != STATE, p.name)):  # the state first
         try:
-            if path.suffix == ".safetensors":
-                load_file(str(path))
-            elif path.suffix in (".bin", ".pkl", ".pt"):
-                load(path, map_location="cpu")
-        except Exception as exc:  # noqa: BLE001 - torch, pickle and safetensors each raise their own
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch and pickle each raise their own
             raise ValueError(f"{path.name} cannot be read ({type(exc).__name__}: {str(exc)[:200]})") from None
+        if path.name == STATE and not (isinstance(state, dict) and {"module", "optimizer"} <= set(state)):
+            raise ValueError(f"{STATE} holds no module and optimizer state")
 
 
 class EpochCheckpoints:
-    """The checkpoints of one run."""
+    """The epoch checkpoints of one run."""
 
-    def __init__(self, results_dir: str | Path, run_id: str, accelerator: Accelerator) -> None:
+    def __init__(self, results_dir: str | Path, run_id: str, accelerator: Accelerator | None) -> None:
         self.root = Path(results_dir) / "checkpoints" / run_id
         self.accelerator = accelerator
 
@@ -89,13 +87,13 @@ class EpochCheckpoints:
         process view). A damaged one is deleted with a :class:`DamagedCheckpointWarning`."""
         if not self.root.is_dir():
             return None
-        for folder in sorted(self.root.glob("epoch_[0-9][0-9][0-9][0-9]"), reverse=True):
+        for folder in sorted(self.root.glob(f"{PREFIX}[0-9][0-9][0-9][0-9]"), reverse=True):
             try:
                 try:
                     progress = json.loads((folder / PROGRESS).read_text())
                 except (OSError, ValueError) as exc:
                     raise ValueError(f"{PROGRESS} cannot be read ({exc})") from None
-                check_progress(progress, int(folder.name.split("_")[1]))
+                check_progress(progress, int(folder.name[len(PREFIX):]))
                 check_state_files(folder)
             except ValueError as exc:
                 warnings.warn(
@@ -109,35 +107,61 @@ class EpochCheckpoints:
             return folder, progress
         return None
 
-    def save(self, epoch: int, progress: dict[str, Any], extra: Callable[[Path], None] | None = None) -> None:
-        """Save the state after ``epoch`` (0-based) on every process; keep only this one.
+    def folder(self, epoch: int) -> Path:
+        return self.root / f"{PREFIX}{epoch:04d}"
 
-        ``extra(folder)``, on the main process, writes more files into the checkpoint before it is
-        complete (the model selection's best weights, bench.engine.selection)."""
-        final = self.root / f"epoch_{epoch:04d}"
-        tmp = final.with_name(final.name + ".tmp")
-        if self.accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(tmp))
-        self.accelerator.wait_for_everyone()
-        if self.accelerator.is_main_process:
-            if extra is not None:
-                extra(tmp)
-            (tmp / PROGRESS).write_text(json.dumps({**progress, "epoch": epoch}))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in self.root.iterdir():
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
+    def begin(self, epoch: int) -> Path:
+        """Main process: an empty temporary folder for the checkpoint after ``epoch``."""
+        tmp = self.folder(epoch).with_name(f"{PREFIX}{epoch:04d}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
 
-    def load(self, folder: str | Path) -> None:
-        """Restore model, optimizer, scheduler and RNG states on every process."""
-        self.accelerator.load_state(str(folder))
+    def commit(self, tmp: Path, progress: dict[str, Any], epoch: int) -> None:
+        """Main process: write the progress record, rename the folder, drop older checkpoints."""
+        (tmp / PROGRESS).write_text(json.dumps({**progress, "epoch": epoch}))
+        final = self.folder(epoch)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in self.root.iterdir():
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
 
     def remove(self) -> None:
         """Delete all checkpoints of the run (main process)."""
-        if self.accelerator.is_main_process:
+        if self.accelerator is None or self.accelerator.is_main_process:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def save_members(results_dir: Path, accelerator: Accelerator, epoch: int, members: list[Any], steps_per_epoch: int) -> None:
+    """Every process: save each member's state after ``epoch`` (0-based) into its run's checkpoint."""
+    books = {m.cell.run_id: EpochCheckpoints(results_dir, m.cell.run_id, accelerator) for m in members}
+    tmp = {run_id: book.folder(epoch).with_name(f"{PREFIX}{epoch:04d}.tmp") for run_id, book in books.items()}
+    if accelerator.is_main_process:
+        for run_id, book in books.items():
+            book.begin(epoch)
+    accelerator.wait_for_everyone()
+    for m in members:
+        torch.save(m.stream.state_dict(), tmp[m.cell.run_id] / f"rng_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for m in members:
+            folder = tmp[m.cell.run_id]
+            state = {"module": {k: v.detach().cpu() for k, v in m.module.state_dict().items()}, "optimizer": m.optimizer.state_dict()}
+            torch.save(state, folder / STATE)
+            m.selector.save(folder)
+            progress = {"seconds": m.record.seconds, "images": m.record.images, "losses": m.record.losses,
+                        "steps_per_epoch": steps_per_epoch, **m.selector.record()}
+            books[m.cell.run_id].commit(folder, progress, epoch)
+    accelerator.wait_for_everyone()
+
+
+def load_member(folder: Path, progress: dict[str, Any], member: Any, process_index: int) -> None:
+    """Every process: restore one member (weights, optimizer, random streams, record, selection)."""
+    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    member.module.load_state_dict(state["module"])
+    member.optimizer.load_state_dict(state["optimizer"])
+    rng = folder / f"rng_{process_index}.pt"
+    member.stream.load_state_dict(torch.load(rng if rng.is_file() else folder / "rng_0.pt", weights_only=True))
+    member.record.seconds, member.record.images, member.record.losses = progress["seconds"], progress["images"], list(progress["losses"])
+    member.selector.resume(progress, folder)

@@ -13,12 +13,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 
 from bench.api.context import HeadContext
 from bench.api.dataset import MultiLabelDataset
 from bench.api.image_files import first_duplicate
+from bench.api.observe import observed_mask
 from bench.api.registry import build_dataset
 from bench.config.grid import Cell
 from bench.core.errors import DataError, UsageError
@@ -26,9 +28,11 @@ from bench.core.paths import cache_dir
 from bench.data import feature_cache as features
 from bench.data import image_cache
 from bench.data.feature_cache import FeatureSplit
-from bench.engine import selection
+from bench.data.label_checks import classes_without_positives, no_positive_message
+from bench.data import holdout as held_out
 from bench.engine.progress import Progress
 from bench.eval.head_cost import flops_per_image
+from bench.eval.metrics import evaluated_classes
 from bench.models.classifier import Classifier
 
 #: a test split with fewer images gets a warning: its metrics are noisy, and a rare class may have
@@ -38,6 +42,15 @@ MIN_TEST_IMAGES = 100
 
 class DataWarning(UserWarning):
     """A dataset mistake that does not stop the run but changes what its numbers mean."""
+
+
+def check_validation_labels(val: image_cache.CachedSplit, dataset: str, fraction: float) -> None:
+    """A validation split without any positive label cannot rank epochs: say so before training."""
+    if not evaluated_classes(val.targets, val.ignore).any():
+        raise DataError(
+            f"dataset {dataset!r}: the {len(val.targets)} validation images (val_fraction = {fraction}) hold no "
+            f"positive label, so their mAP is undefined; raise val_fraction"
+        )
 
 
 def check_listed_once(dataset: MultiLabelDataset, name: str, split: str) -> None:
@@ -66,6 +79,9 @@ def split_warnings(train: MultiLabelDataset, test: MultiLabelDataset, name: str,
             f"dataset {name!r}: {len(shared)} of the {len(test_ids)} images of test split {test_split!r} are also in "
             f"training split {train_split!r} ({shown}); a test image seen in training inflates every score"
         )
+    no_positive = no_positive_message(name, train_split, classes_without_positives(train.classes, train.targets, train.ignore), len(train.classes))
+    if no_positive is not None:
+        out.append(no_positive)
     if len(test_ids) < MIN_TEST_IMAGES:
         out.append(
             f"dataset {name!r}: test split {test_split!r} has only {len(test_ids)} images (fewer than {MIN_TEST_IMAGES}): "
@@ -89,7 +105,10 @@ class DataSplits:
     classes: list[str]
     context: HeadContext
     val: image_cache.CachedSplit | None = None
-    holdout: selection.Holdout | None = None
+    holdout: held_out.Holdout | None = None
+    #: bool [N, C] over ``train``: the training labels the run observes (dataset option ``observe``,
+    #: bench/api/observe.py); the loss sees only these, and so does the head context
+    observed: np.ndarray | None = None
 
     @functools.cached_property
     def test(self) -> image_cache.CachedSplit:
@@ -105,7 +124,7 @@ class DataStore:
         self._cached: dict[str, image_cache.CachedSplit] = {}
         self._features: dict[str, FeatureSplit] = {}
         self._profiles: dict[str, tuple[tuple[int, int, int], int]] = {}
-        self._holdouts: dict[str, selection.Holdout] = {}
+        self._holdouts: dict[str, held_out.Holdout] = {}
         self._checked_pairs: set[str] = set()
 
     def dataset(self, cell: Cell, split: str) -> MultiLabelDataset:
@@ -144,26 +163,28 @@ class DataStore:
                 self._cached[key] = image_cache.load_or_build(ds, size, cache_dir(), callback)
         return self._cached[key]
 
-    def holdout(self, cell: Cell) -> selection.Holdout | None:
+    def holdout(self, cell: Cell) -> held_out.Holdout | None:
         """The validation rows of the cell's training split (``select = "best_val"``), else None."""
         if cell.recipe.select != "best_val":
             return None
         full = self.cached(cell, cell.train_split)
         key = json.dumps([cell.dataset, cell.dataset_options, cell.root, cell.train_split, cell.recipe.image_size, cell.recipe.val_fraction], sort_keys=True)
         if key not in self._holdouts:
-            self._holdouts[key] = selection.holdout(cell.dataset, cell.train_split, full.image_ids, cell.recipe.val_fraction)
+            self._holdouts[key] = held_out.holdout(cell.dataset, cell.train_split, full.image_ids, cell.recipe.val_fraction)
         return self._holdouts[key]
 
     def splits(self, cell: Cell, progress: Progress | None = None) -> DataSplits:
         full = self.cached(cell, cell.train_split, progress)
         train, val, rows = full, None, self.holdout(cell)
         if rows is not None:
-            train = selection.cached_rows(full, rows.train_rows, keep_skipped=True)
-            val = selection.cached_rows(full, rows.val_rows, keep_skipped=False)
-            selection.check_validation_labels(val, cell.dataset, cell.recipe.val_fraction)
+            train = held_out.cached_rows(full, rows.train_rows, keep_skipped=True)
+            val = held_out.cached_rows(full, rows.val_rows, keep_skipped=False)
+            check_validation_labels(val, cell.dataset, cell.recipe.val_fraction)
         train_ds = self.dataset(cell, cell.train_split)
-        context = HeadContext.from_labels(train_ds.classes, train.targets, train.ignore)
-        return DataSplits(train, lambda: self.cached(cell, cell.test_split, progress), list(train_ds.classes), context, val, rows)
+        observed = observed_mask(np.asarray(train.targets), cell.dataset_options, train.known)
+        # a head's label statistics (ML-GCN's co-occurrence) count only the labels the run observes
+        context = HeadContext.from_labels(train_ds.classes, train.targets, np.asarray(train.ignore, dtype=bool) | ~observed)
+        return DataSplits(train, lambda: self.cached(cell, cell.test_split, progress), list(train_ds.classes), context, val, rows, observed)
 
     def features(self, cell: Cell, which: str, model: Classifier, progress: Progress | None = None) -> FeatureSplit:
         """Frozen-backbone features of the cell's ``which`` images: ``train`` (those it trains on),
@@ -177,7 +198,7 @@ class DataStore:
             raise ValueError(f"{cell.describe()} has no validation split (recipe select = {cell.recipe.select!r})")
         out = self._split_features(cell, split, model, progress)
         if rows is not None:
-            out = selection.feature_rows(out, rows.train_rows if which == "train" else rows.val_rows)
+            out = held_out.feature_rows(out, rows.train_rows if which == "train" else rows.val_rows)
         return out
 
     def _split_features(self, cell: Cell, split: str, model: Classifier, progress: Progress | None) -> FeatureSplit:

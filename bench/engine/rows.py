@@ -1,6 +1,6 @@
-"""The result row of a run: its configuration part, and what a finished run adds (metrics, cost,
-throughput), with the score and weight files it writes. Shared by the one-at-a-time runner and the
-heads-together pass, so both write the same columns the same way."""
+"""The result row of a run: its configuration part, what a finished run adds (metrics, cost,
+throughput) with the score and weight files it writes, the row of a failed run, and the one writer
+of rows (row, then its checkpoints dropped, then its lock released). Every job writes its rows here."""
 
 from __future__ import annotations
 
@@ -11,17 +11,22 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from torch import nn
 
+from bench.api.observe import observe_fields
 from bench.api.registry import PROJECT_ROOT
 from bench.config.grid import Cell
 from bench.engine.data_store import DataSplits
-from bench.engine.loop import Predictions
+from bench.engine.checkpoints import EpochCheckpoints
+from bench.engine.failures import MemberFailure
+from bench.engine.predictions import Predictions
 from bench.eval.head_cost import PeakMemory, head_cost
 from bench.eval.metrics import evaluated_classes, multilabel_metrics
 from bench.results import store as results
+from bench.results.locks import RunLock
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,6 +76,8 @@ def base_row(cell: Cell, grid_name: str, accelerator: Accelerator) -> dict[str, 
         "recipe": cell.recipe.to_dict(),
         "recipe_preset": cell.recipe_preset,
         "config": cell.config(),
+        **observe_fields(cell.dataset_options, None),
+        **cell.tune_fields(),
         "world_size": accelerator.num_processes,
         "device": device_name(accelerator.device),
         "mixed_precision": cell.recipe.mixed_precision,
@@ -120,6 +127,9 @@ def finished_row(
         input_mean=model.mean.flatten().tolist(),
         input_std=model.std.flatten().tolist(),
         feature_shape=list(feature_shape),
+        # classes the run can score but never learned (no positive label among its training images)
+        train_classes_without_positives=int((np.asarray(data.context.nums) == 0).sum()),
+        **observe_fields(cell.dataset_options, data.observed),
         **extra,
         **record.selection.row(),
     )
@@ -154,3 +164,22 @@ def write_outputs(
                 state = {k: v for k, v in state.items() if k.startswith("head.")}
             results.save_weights(ctx.results_dir, cell.run_id, state)
     row.update(peak_memory_mib=memory.peak_mib(), peak_memory_kind=memory.kind)
+
+
+def failed_row(cell: Cell, grid_name: str, accelerator: Accelerator, failure: MemberFailure | BaseException) -> dict[str, Any]:
+    """The row of a run that failed: its configuration, the error's type, message and traceback."""
+    if isinstance(failure, BaseException):
+        failure = MemberFailure.of(failure)
+    row = base_row(cell, grid_name, accelerator)
+    row.update(status="failed", error_type=failure.error_type, error=failure.error, traceback=failure.traceback, finished_at=now())
+    return row
+
+
+def write_row(results_dir: Any, accelerator: Accelerator, row: dict[str, Any], lock: RunLock | None) -> None:
+    """Main process: write the row; a finished run's checkpoints are dropped; its lock released."""
+    if accelerator.is_main_process:
+        results.write_row(results_dir, row)
+        if row["status"] == "finished":
+            EpochCheckpoints(results_dir, row["run_id"], accelerator).remove()
+        if lock is not None:
+            lock.release()

@@ -33,8 +33,10 @@ class Classifier(nn.Module):
                 return self.backbone(x)
         return self.backbone(x)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
+    def forward(self, images: torch.Tensor, label_state: torch.Tensor | None = None) -> torch.Tensor:
+        """images [B, 3, H, W] -> logits [B, C]; ``label_state`` [B, C] (-1 unknown, 0, 1) only
+        for a head that declares ``reads_label_states`` (training with label mask training)."""
+        return call_head(self.head, self.features(images), label_state)
 
     def train(self, mode: bool = True) -> "Classifier":
         super().train(mode)
@@ -53,5 +55,23 @@ class HeadOnly(nn.Module):
         super().__init__()
         self.head = head
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features.float())
+    def forward(self, features: torch.Tensor, label_state: torch.Tensor | None = None) -> torch.Tensor:
+        """features [B, d, h, w] -> logits [B, C] (``label_state`` as for :class:`Classifier`)."""
+        return call_head(self.head, features.float(), label_state)
+
+
+def reads_label_states(module: nn.Module) -> bool:
+    """Whether the head inside ``module`` (a head, a Classifier or a HeadOnly) reads label states."""
+    own = getattr(module, "reads_label_states", None)
+    if own is not None:
+        return bool(own)
+    return bool(getattr(getattr(module, "head", None), "reads_label_states", False))
+
+
+def call_head(head: nn.Module, features: torch.Tensor, label_state: torch.Tensor | None) -> torch.Tensor:
+    """``head(features)``, with ``label_state=`` passed only when given: other heads never see labels."""
+    if label_state is None:
+        return head(features)
+    if not getattr(head, "reads_label_states", False):
+        raise TypeError("label states given to a head that does not declare reads_label_states")
+    return head(features, label_state=label_state)

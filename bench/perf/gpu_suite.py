@@ -10,7 +10,7 @@ CPU path a test exercises). On a GPU, with the defaults:
    does not depend on the on-disk layout; images are generated, not downloaded.
 2. **Finetune throughput** for each backbone (default ``timm:resnet50``, ``timm:resnet101``: timm's
    ResNets run in ``channels_last``, see ``bench.models.backbones.TimmFeatures``) with bf16
-   autocast: the harness's training epoch (``bench.engine.loop.train_epoch`` under accelerate, GPU
+   autocast: the harness's training epoch (``bench.engine.trainer.Trainer.run_epoch``, GPU
    augmentation from the uint8 cache, the reference head, the paper recipe's optimizer and
    schedule) against the bare forward + backward of the same model on a batch already on the GPU
    (the limit), and the bare forward + backward + optimizer step.
@@ -49,11 +49,12 @@ from bench.core.paths import cache_dir
 from bench.data import image_cache
 from bench.data.augment import augment
 from bench.data.batched_arrays import array_loader
-from bench.engine.loop import make_loss, train_epoch
-from bench.engine.optim import lr_factor, make_optimizer
 from bench.models.backbones import build_backbone
 from bench.models.classifier import Classifier
-from bench.perf.training import DOC, EMBEDDED_GRID, PAPER_GRID, _reference, _run_rows, device_name, evenly, scratch_cache, training_seconds, write_section
+from bench.perf.grids import scratch_cache
+from bench.perf.harness import harness_trainer
+from bench.perf.together import evenly, run_rows, training_seconds
+from bench.perf.training import DOC, EMBEDDED_GRID, PAPER_GRID, device_name, reference_and_hparams, write_section
 
 SECTION = "gpu-suite"
 SYNTHETIC = "_gpu_suite_synthetic"
@@ -124,7 +125,7 @@ def finetune_throughput(accelerator: Accelerator, backbone_name: str, options: d
     device = accelerator.device
     dataset = registry.build_dataset(SYNTHETIC, None, "train", **options)
     split = image_cache.load_or_build(dataset, recipe.image_size, cache_dir())
-    reference, reference_hparams = _reference()
+    reference, reference_hparams = reference_and_hparams()
 
     def model() -> Classifier:
         set_seed(0)
@@ -132,23 +133,23 @@ def finetune_throughput(accelerator: Accelerator, backbone_name: str, options: d
         head = registry.build_head(reference, backbone.out_channels, len(dataset.classes), **reference_hparams)
         return Classifier(backbone, head)
 
-    # the harness: train_epoch under accelerate, as bench.engine.runner._train runs it
+    # the harness: the trainer's epoch, as a finetuned cell's job runs it (bench.engine.trainer)
     harness = model()
-    optimizer = make_optimizer(harness.backbone, harness.head, recipe)
     loader = array_loader(image_cache.CachedImages(split), batch_size=recipe.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0))
     per_epoch = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, per_epoch, recipe))
-    harness, optimizer, loader, scheduler = accelerator.prepare(harness, optimizer, loader, scheduler)
-    loss_fn = make_loss(recipe)
-    generator = torch.Generator().manual_seed(0)  # augmentation draws on the CPU, as in a run
+    cell = Cell(SYNTHETIC, options, "train", "test", backbone_name, None, reference, reference_hparams, recipe, 0)
 
-    def prepare(images: torch.Tensor) -> torch.Tensor:
+    def prepare(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return augment(images.to(device), recipe.augment, generator, recipe.crop_scale_min)
 
-    train_epoch(harness, loader, optimizer, scheduler, loss_fn, accelerator, prepare, recipe.grad_clip)  # warm-up (cuDNN autotune)
-    timed = train_epoch(harness, loader, optimizer, scheduler, loss_fn, accelerator, prepare, recipe.grad_clip, should_stop=lambda: False)
-    harness_ips = timed.images / timed.seconds
-    del harness, optimizer, loader, scheduler
+    trainer = harness_trainer(cell, harness, image_cache.CachedImages(split), prepare, accelerator)
+    trainer.build(per_epoch)
+    loader = accelerator.prepare(loader)
+    generator = torch.Generator().manual_seed(0)  # augmentation draws on the CPU, as in a run
+    trainer.run_epoch(loader, generator)  # warm-up (cuDNN autotune)
+    seconds, images_seen, _losses = trainer.run_epoch(loader, generator)
+    harness_ips = images_seen / seconds
+    del harness, trainer, loader
     accelerator.free_memory()
 
     # the limit: the same model, a batch already on the device, channels_last, bf16 autocast
@@ -202,12 +203,12 @@ def frozen_group(accelerator: Accelerator, backbone_name: str, options: dict[str
     warm.cells = warm.cells[:1]
     warm.cells[0].recipe = frozen.replace(epochs=1)
     warm.run = {**warm.run, "heads_together": False}
-    _run_rows(warm, accelerator)  # features computed and cached before timing
+    run_rows(warm, accelerator)  # features computed and cached before timing
     out = {}
     for together in (False, True):
         timed = copy.deepcopy(grid)
         timed.run = {**timed.run, "heads_together": together}
-        seconds, rows = _run_rows(timed, accelerator)
+        seconds, rows = run_rows(timed, accelerator)
         out["together" if together else "alone"] = (seconds, training_seconds(rows))
     return {"heads": len(cells), "backbone": backbone_name, "epochs": epochs, "alone_s": out["alone"][0], "together_s": out["together"][0],
             "alone_train_s": out["alone"][1], "together_train_s": out["together"][1], "ratio": out["alone"][0] / out["together"][0]}
@@ -271,7 +272,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         raise SystemExit(f"--backbones: unknown backbone(s) {', '.join(unknown)}; valid: {registry.describe_backbone_names()}")
     dataset, classes = paper_dataset_classes()
     heads = head_configs(args.heads)
-    return {"backbones": backbones, "dataset": dataset, "classes": classes, "heads": heads, "reference": _reference()}
+    return {"backbones": backbones, "dataset": dataset, "classes": classes, "heads": heads, "reference": reference_and_hparams()}
 
 
 def render(machine: str, command: str, throughput: list[dict[str, Any]], group: dict[str, Any] | None, boot: dict[str, Any] | None,

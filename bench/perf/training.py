@@ -32,17 +32,12 @@ The GPU measurements are ``python -m bench.perf --suite gpu`` (``bench.perf.gpu_
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,26 +49,24 @@ from torch import nn
 
 from bench.api.context import HeadContext
 from bench.api.registry import PROJECT_ROOT, build_dataset, build_head, dataset_options, reference_head
-from bench.config.grid import Cell, Grid, load_grid, with_sources
+from bench.config.grid import Cell, load_grid
 from bench.config.recipe import resolve_recipe
 from bench.data import image_cache
 from bench.data.batched_arrays import array_loader
-from bench.engine.interrupt import StopRequest
-from bench.engine.loop import make_loss, train_epoch
-from bench.engine.optim import lr_factor, make_optimizer
-from bench.engine.progress import Progress
-from bench.engine.runner import run_grid
 from bench.eval.head_cost import PeakMemory, flops_per_image, median_latency_ms
 from bench.eval.metrics import multilabel_metrics
 from bench.models.backbones import build_backbone
 from bench.models.classifier import Classifier
+from bench.perf.grids import changed, grid_warmup, scratch_cache, timed_grid, with_recipe
+from bench.perf.harness import harness_trainer
+from bench.perf.together import TOGETHER, measure_together_augmented, measure_together_cached, render_together
 
 DOC = PROJECT_ROOT / "docs" / "performance.md"
 #: the shipped grids the measurements read their heads, data and backbones from
 EMBEDDED_GRID, PAPER_GRID = "full-embedded", "full"
 
 
-def _reference() -> tuple[str, dict[str, Any]]:
+def reference_and_hparams() -> tuple[str, dict[str, Any]]:
     """The reference head (the one every other is compared with) and its hyper-parameters."""
     found = reference_head()
     if found is None:
@@ -91,56 +84,6 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
-@contextmanager
-def scratch_cache() -> Iterator[Path]:
-    """A private ``$HEADBENCH_CACHE`` for the duration of a measurement."""
-    old = os.environ.get("HEADBENCH_CACHE")
-    folder = Path(tempfile.mkdtemp(prefix="headbench-perf-"))
-    os.environ["HEADBENCH_CACHE"] = str(folder)
-    try:
-        yield folder
-    finally:
-        if old is None:
-            del os.environ["HEADBENCH_CACHE"]
-        else:
-            os.environ["HEADBENCH_CACHE"] = old
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def _changed(grid: Grid, change: Callable[[Cell], None], together: bool = False) -> Grid:
-    """A copy of ``grid`` with ``change`` applied to every cell (run ids and sources recomputed),
-    its heads trained one at a time unless ``together`` (``[run] heads_together``)."""
-    grid = copy.deepcopy(grid)
-    for cell in grid.cells:
-        change(cell)
-        cell.source_run_id = None
-    grid.cells = with_sources(grid.cells)
-    # weights are kept: a derived head reuses its source's
-    grid.run = {**grid.run, "checkpoint": "none", "heads_together": together}
-    return grid
-
-
-def _with_recipe(grid: Grid, **changes: Any) -> Grid:
-    def change(cell: Cell) -> None:
-        cell.recipe = cell.recipe.replace(**changes)
-
-    return _changed(grid, change)
-
-
-def _timed_grid(grid: Grid, accelerator: Accelerator) -> tuple[float, int]:
-    results_dir = Path(tempfile.mkdtemp(prefix="headbench-perf-results-"))
-    try:
-        start = time.perf_counter()
-        with StopRequest() as stop:
-            summary = run_grid(grid, results_dir, accelerator, Progress(enabled=False), stop)
-        seconds = time.perf_counter() - start
-    finally:
-        shutil.rmtree(results_dir, ignore_errors=True)
-    if summary.failed:
-        raise RuntimeError(f"{len(summary.failed)} runs failed: {summary.failed[0].error}")
-    return seconds, summary.trained
-
-
 def measure_frozen_vs_finetune(
     accelerator: Accelerator, grid_name: str, epochs: int, num_train: int, seeds: int, backbone: str | None = None
 ) -> dict[str, Any]:
@@ -153,15 +96,15 @@ def measure_frozen_vs_finetune(
         if backbone:
             cell.backbone, cell.weights = backbone, None
 
-    grid = _changed(grid, resize)
+    grid = changed(grid, resize)
     common = {"epochs": epochs, "augment": "none"}
-    frozen = _with_recipe(grid, protocol="frozen", freeze_backbone=False, **common)
-    finetune = _with_recipe(grid, protocol="finetune", freeze_backbone=True, **common)
+    frozen = with_recipe(grid, protocol="frozen", freeze_backbone=False, **common)
+    finetune = with_recipe(grid, protocol="finetune", freeze_backbone=True, **common)
     with scratch_cache():
         # decode / generate the images first, so neither side pays for it
-        _timed_grid(grid_warmup(grid), accelerator)
-        t_frozen, n = _timed_grid(frozen, accelerator)
-        t_finetune, _ = _timed_grid(finetune, accelerator)
+        timed_grid(grid_warmup(grid), accelerator)
+        t_frozen, n = timed_grid(frozen, accelerator)
+        t_finetune, _ = timed_grid(finetune, accelerator)
     cell = grid.cells[0]
     return {
         "grid": grid_name, "runs": n, "heads": len({(c.head, str(c.hparams)) for c in grid.cells}), "backbone": cell.backbone,
@@ -170,15 +113,10 @@ def measure_frozen_vs_finetune(
     }
 
 
-def grid_warmup(grid: Grid) -> Grid:
-    """A one-cell, one-epoch copy of ``grid`` that fills the image cache."""
-    warm = _with_recipe(grid, epochs=1, augment="none", protocol="finetune", freeze_backbone=True)
-    warm.cells = warm.cells[:1]
-    return warm
-
-
 def measure_harness_overhead(accelerator: Accelerator, epochs: int, num_train: int, image_size: int = 64) -> dict[str, Any]:
-    """(b): ``bench.engine.loop.train_epoch`` under accelerate vs a minimal loop, same model and data.
+    """(b): the harness's training epoch (``bench.engine.trainer.Trainer.run_epoch``: a pass of one
+    member, per-step finiteness / failure / stop checks, its own random stream and schedule) vs a
+    minimal loop, same model and data.
 
     Both see the same cached uint8 images through the same DataLoader, convert them to float the
     same way, use AdamW with the same learning rate and BCE; epochs alternate (harness, minimal,
@@ -194,7 +132,10 @@ def measure_harness_overhead(accelerator: Accelerator, epochs: int, num_train: i
         "schedule": "cosine", "warmup_epochs": 1.0, "epochs": 2 * epochs, "loss": "bce", "step_size": 4, "gamma": 0.1,
     }, "bench.perf (b)")
     device = accelerator.device
-    reference, reference_hparams = _reference()
+    reference, reference_hparams = reference_and_hparams()
+
+    def to_input(images_u8: torch.Tensor) -> torch.Tensor:
+        return images_u8.to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
     def model_and_loader() -> tuple[nn.Module, torch.utils.data.DataLoader]:
         set_seed(0)
@@ -204,14 +145,11 @@ def measure_harness_overhead(accelerator: Accelerator, epochs: int, num_train: i
         return Classifier(backbone, head), loader
 
     model, loader = model_and_loader()
-    optimizer = make_optimizer(model.backbone, model.head, recipe)
-    steps = len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, recipe))
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    loss_fn = make_loss(recipe)
-
-    def to_input(images_u8: torch.Tensor) -> torch.Tensor:
-        return images_u8.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    cell = Cell(embedded.dataset, options, embedded.train_split, embedded.test_split, embedded.backbone, None, reference, reference_hparams, recipe, 0)
+    trainer = harness_trainer(cell, model, image_cache.CachedImages(images), to_input, accelerator)
+    trainer.build(len(loader))
+    loader = accelerator.prepare(loader)
+    augmenter = torch.Generator()
 
     plain, plain_loader = model_and_loader()
     plain.to(device)
@@ -232,9 +170,9 @@ def measure_harness_overhead(accelerator: Accelerator, epochs: int, num_train: i
 
     harness, minimal = [], []
     minimal_epoch()  # warm-up of both paths
-    train_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator, to_input)
+    trainer.run_epoch(loader, augmenter)
     for _ in range(epochs):
-        harness.append(train_epoch(model, loader, optimizer, scheduler, loss_fn, accelerator, to_input, should_stop=lambda: False).seconds)
+        harness.append(trainer.run_epoch(loader, augmenter)[0])
         minimal.append(minimal_epoch())
     h, m = statistics.median(harness), statistics.median(minimal)
     accelerator.free_memory()
@@ -282,20 +220,20 @@ def measure_growth(accelerator: Accelerator, sizes: list[int], epochs: int) -> l
     """(d) first part: one frozen-protocol run per dataset size; its row's wall time and peak memory."""
     out = []
     for n in sizes:
-        grid = load_grid(str(PROJECT_ROOT / "configs" / "smoke.toml"), heads=[_reference()[0]])
+        grid = load_grid(str(PROJECT_ROOT / "configs" / "smoke.toml"), heads=[reference_and_hparams()[0]])
         grid.cells = grid.cells[:1]
 
         def resize(cell: Cell, n: int = n) -> None:
             cell.dataset_options = {**cell.dataset_options, "num_train": n, "num_test": max(250, n // 4)}
             cell.recipe = cell.recipe.replace(protocol="frozen", augment="none", epochs=epochs)
 
-        grid = _changed(grid, resize)
+        grid = changed(grid, resize)
         with scratch_cache():
             first = grid.cells[0]
             build_dataset(first.dataset, split=first.train_split, **first.dataset_options)  # generation is not timed
             memory = PeakMemory(accelerator.device)
             memory.reset()
-            seconds, _ = _timed_grid(grid, accelerator)
+            seconds, _ = timed_grid(grid, accelerator)
             out.append({"num_train": n, "wall_s": seconds, "peak_mib": memory.peak_mib(), "memory_kind": memory.kind})
         gc.collect()
     return out
@@ -409,7 +347,7 @@ def render(machine: str, command: str, a: dict | None, b: dict | None, c: dict |
             f"`tiny_cnn` + average-pool baseline, {b['num_train']} images of 64 px, batch 64, AdamW; median of {b['epochs']} alternating epochs each.", "",
             "| loop | epoch (s) |", "|---|---:|",
             f"| minimal hand-written loop | {b['minimal_s']:.3f} |",
-            f"| harness `train_epoch` (accelerate, scheduler, per-step finiteness/stop check) | {b['harness_s']:.3f} |",
+            f"| harness `Trainer.run_epoch` (a pass of one member: schedule, per-step finiteness / failure / stop check) | {b['harness_s']:.3f} |",
             f"| **overhead** | **{100 * b['overhead']:+.1f} %** (target ≤ 5 %: {_verdict_percent(100 * b['overhead'], 5, '≤')}) |", "",
             f"All epochs (s) — harness: {', '.join(f'{x:.3f}' for x in b['harness_all'])}; minimal: {', '.join(f'{x:.3f}' for x in b['minimal_all'])}.", "",
         ]
@@ -440,312 +378,6 @@ def render(machine: str, command: str, a: dict | None, b: dict | None, c: dict |
     if metric_growth:
         lines += ["## (d) Metric computation (`multilabel_metrics`, vectorised)", "", "| N | C | seconds | peak memory (MiB) | inputs (MiB) |", "|---:|---:|---:|---:|---:|"]
         lines += [f"| {m['N']:,} | {m['C']} | {m['seconds']:.2f} | {m['peak_mib']:.0f} | {m['inputs_mib']:.0f} |" for m in metric_growth]
-        lines.append("")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Heads trained together on a frozen backbone (bench/engine/group.py): ``--only together``
-# ----------------------------------------------------------------------------------------------
-
-TOGETHER = "heads-together"
-
-
-def _trained_heads(grid: Grid) -> list[Cell]:
-    """The first seed's cells that train (derived heads left out), in grid order."""
-    seed = min(c.seed for c in grid.cells)
-    return [c for c in grid.cells if c.seed == seed and c.source_run_id is None]
-
-
-def evenly(cells: list[Cell], n: int) -> list[Cell]:
-    """``n`` of ``cells`` spread evenly over the list (first and last included), so every head
-    family of a grid is represented in proportion."""
-    if n >= len(cells):
-        return list(cells)
-    if n == 1:
-        return [cells[0]]
-    return [cells[round(i * (len(cells) - 1) / (n - 1))] for i in range(n)]
-
-
-def _run_rows(grid: Grid, accelerator: Accelerator) -> tuple[float, Any]:
-    """Wall time of running ``grid`` into a scratch results folder, and its rows."""
-    from bench.results.store import load_all
-
-    results_dir = Path(tempfile.mkdtemp(prefix="headbench-perf-results-"))
-    try:
-        start = time.perf_counter()
-        with StopRequest() as stop:
-            summary = run_grid(grid, results_dir, accelerator, Progress(enabled=False), stop)
-        seconds = time.perf_counter() - start
-        rows = load_all(results_dir)
-    finally:
-        shutil.rmtree(results_dir, ignore_errors=True)
-    if summary.failed:
-        raise RuntimeError(f"{len(summary.failed)} runs failed: {summary.failed[0].error}")
-    return seconds, rows
-
-
-def training_seconds(rows: Any) -> float:
-    """Seconds spent in training epochs: per run alone, per shared pass together (each pass once)."""
-    seen, total = set(), 0.0
-    for _, row in rows.iterrows():
-        if row["status"] != "finished" or not (row["train_images_per_s"] > 0):
-            continue  # derived heads do not train
-        shared = row["trained_with"]
-        if isinstance(shared, dict):
-            if shared["id"] in seen:
-                continue
-            seen.add(shared["id"])
-        total += row["epochs"] * row["train_images"] / row["train_images_per_s"]
-    return total
-
-
-def group_epoch_seconds(rows: Any) -> float:
-    """One training epoch of the (largest) shared pass in ``rows``."""
-    shared = [r for _, r in rows.iterrows() if isinstance(r["trained_with"], dict)]
-    if not shared:
-        raise RuntimeError("no row was trained together")
-    row = max(shared, key=lambda r: r["trained_with"]["size"])
-    return row["train_images"] / row["train_images_per_s"]
-
-
-def _both_ways(grid: Grid, change: Callable[[Cell], None], accelerator: Accelerator) -> dict[str, Any]:
-    """``grid`` (after ``change``) one head at a time, then together: wall and training seconds."""
-    alone, together = _changed(grid, change, together=False), _changed(grid, change, together=True)
-    alone_s, alone_rows = _run_rows(alone, accelerator)
-    together_s, together_rows = _run_rows(together, accelerator)
-    trained = together_rows[together_rows["train_images_per_s"].notna()]
-    sizes = sorted({r["size"] for r in trained["trained_with"] if isinstance(r, dict)})
-    return {
-        "runs": len(together_rows), "heads": len(trained), "passes": sizes,
-        "alone_s": alone_s, "together_s": together_s, "ratio": alone_s / together_s,
-        "alone_train_s": training_seconds(alone_rows), "together_train_s": training_seconds(together_rows),
-        "group_epoch_s": group_epoch_seconds(together_rows) if sizes else float("nan"), "grid": together,
-    }
-
-
-@torch.no_grad()
-def _feature_pass(trunk: Classifier, inputs: Any, loader: Any, accelerator: Accelerator, frozen_protocol: bool) -> tuple[float, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """One pass of what a group does once per batch: read the batch (cached features) or augment
-    it and run the frozen backbone; its seconds and every (features, targets) batch."""
-    device = accelerator.device
-    augmenter = torch.Generator().manual_seed(0)
-    kept = []
-    _sync(device)
-    start = time.perf_counter()
-    for x, y, _ in loader:
-        with accelerator.autocast():
-            batch = inputs.prepare_train(x, augmenter)
-            feats = batch.float() if frozen_protocol else trunk.features(batch)
-        kept.append((feats, y.to(device)))
-    _sync(device)
-    return time.perf_counter() - start, kept
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _heads_alone(heads: list[nn.Module], recipes: list[Any], kept: list[tuple[torch.Tensor, torch.Tensor]], loss_fn: nn.Module,
-                 accelerator: Accelerator) -> tuple[float, float]:
-    """Seconds of each head's own forward + backward, and of its optimizer step, over the batches
-    ``kept``, head after head (summed over heads)."""
-    device = accelerator.device
-    fwd_bwd = step = 0.0
-    for head, recipe in zip(heads, recipes):
-        optimizer = make_optimizer(None, head, recipe)
-        for feats, targets in kept:
-            _sync(device)
-            t0 = time.perf_counter()
-            with accelerator.autocast():
-                logits = head(feats)
-            loss_fn(logits.float(), targets.float()).backward()
-            _sync(device)
-            t1 = time.perf_counter()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            _sync(device)
-            fwd_bwd += t1 - t0
-            step += time.perf_counter() - t1
-    return fwd_bwd, step
-
-
-def measure_limit(grid: Grid, accelerator: Accelerator, batches: int = 8, repeats: int = 3) -> dict[str, Any]:
-    """(d): a group's training epoch against its floor, timed interleaved on the same batches.
-
-    On the first ``batches`` batches of the training split, ``repeats`` times in turn: (1) the
-    group's real training epoch (``bench.engine.group.GroupTrainer``: loader, features once per
-    batch, every head, one backward, one optimizer step, its per-step checks); (2) one pass of the
-    loader with the frozen backbone (or the feature read) alone; (3) each head's own forward +
-    backward on those same feature batches, head after head (their optimizer steps timed apart).
-    The ratio (1) / ((2) + (3)) is the median over the repeats; the seconds are per full epoch
-    (scaled by its steps / ``batches``). Interleaving keeps a machine's changing load out of the ratio.
-    """
-    from bench.api.registry import build_head as build
-    from bench.data.batched_arrays import ArrayItems
-    from bench.engine import group as G
-    from bench.engine import runner
-    from bench.engine.data_store import DataStore
-
-    cells = [c for c in grid.cells if c.source_run_id is None]
-    first, device = cells[0], accelerator.device
-    recipe = first.recipe
-    store = DataStore(accelerator)
-    data = store.splits(first)
-    set_seed(first.seed)
-    backbone = build_backbone(first.backbone, first.weights)
-    trunk = Classifier(backbone, nn.Identity(), freeze_backbone=True, normalize=recipe.input_normalization == "backbone")
-    ctx = runner.RunContext(grid, store, accelerator, Progress(enabled=False), Path(tempfile.gettempdir()), StopRequest(), checkpoint=False)
-    _module, inputs = runner._inputs(first, trunk, data, ctx)
-    trunk.to(device).eval()
-    frozen_protocol = recipe.protocol == "frozen"
-    steps_per_epoch = -(-len(inputs.train) // recipe.batch_size)
-    rows = min(len(inputs.train), batches * recipe.batch_size)
-    full = inputs.train
-    subset = ArrayItems(full.data[:rows], full.targets[:rows], full.ignore[:rows])
-    inputs = copy.copy(inputs)
-    inputs.train = subset
-    loader = accelerator.prepare(array_loader(subset, batch_size=recipe.batch_size, shuffle=True, generator=torch.Generator().manual_seed(0)))
-    after_backbone = G.RngStream.capture(device)
-    members = []
-    for cell in cells:
-        after_backbone.restore()
-        head = build(cell.head, backbone.out_channels, len(data.classes), data.context, **cell.hparams)
-        stream = G.RngStream.capture(device)
-        members.append(G.Member(cell, None, head, stream, ({}, stream.copy()), record=runner.TrainingRecord()))
-    trainer = G.GroupTrainer(members, G.Trunk(trunk, inputs, frozen_protocol), ctx, 0, runner)
-    trainer.module = G._wrap(trainer.group, accelerator)
-    trainer.task = ctx.progress.add("", total=0)
-    optimizer = G.GroupOptimizer([m.head for m in members], [m.cell.recipe for m in members], steps_per_epoch)
-    loss_fn = make_loss(recipe)
-    # separate copies for the heads alone, so the group's heads are not touched between its epochs
-    alone = [copy.deepcopy(m.head) for m in members]
-    trainer._epoch(loader, optimizer, loss_fn, torch.Generator().manual_seed(0), 0)  # warm-up
-    measured = []
-    for r in range(repeats):
-        group_s = trainer._epoch(loader, optimizer, loss_fn, torch.Generator().manual_seed(r), 0)[0]
-        pass_s, kept = _feature_pass(trunk, inputs, loader, accelerator, frozen_protocol)
-        fwd_bwd, step = _heads_alone(alone, [c.recipe for c in cells], kept, loss_fn, accelerator)
-        measured.append((group_s, pass_s, fwd_bwd, step))
-    scale = steps_per_epoch / len(loader)
-    ratios = [g / (p + f) for g, p, f, _ in measured]
-    best = sorted(range(repeats), key=lambda i: ratios[i])[repeats // 2]  # the repeat with the median ratio
-    g, p, f, st = (v * scale for v in measured[best])
-    accelerator.free_memory()
-    return {"heads": len(cells), "steps": steps_per_epoch, "batches": len(loader), "repeats": repeats, "group_s": g, "pass_s": p,
-            "heads_fwd_bwd_s": f, "heads_step_s": st, "limit_s": p + f, "ratio": ratios[best], "ratios": ratios}
-
-
-def measure_together_augmented(accelerator: Accelerator, heads: int = 21, backbone: str = "resnet18", num_train: int = 1000,
-                               epochs: int = 3) -> dict[str, Any]:
-    """(a) and its (d): ``heads`` head configurations spread over the embedded grid, on a frozen
-    ``backbone`` (random init) with the grid's flip augmentation: one at a time vs together."""
-    base = load_grid(EMBEDDED_GRID)
-    base.cells = evenly(_trained_heads(base), heads)
-
-    def change(cell: Cell) -> None:
-        cell.dataset_options = {**cell.dataset_options, "num_train": num_train}
-        cell.backbone, cell.weights = backbone, None
-        cell.recipe = cell.recipe.replace(protocol="finetune", freeze_backbone=True, augment="flip", epochs=epochs)
-
-    with scratch_cache():
-        _timed_grid(grid_warmup(_changed(base, change)), accelerator)  # images decoded before timing
-        out = _both_ways(base, change, accelerator)
-        out["limit"] = measure_limit(out.pop("grid"), accelerator)
-    cell = base.cells[0]
-    return {**out, "backbone": backbone, "num_train": num_train, "epochs": epochs, "image_size": cell.recipe.image_size,
-            "batch_size": cell.recipe.batch_size, "augment": "flip"}
-
-
-def measure_together_cached(accelerator: Accelerator, sizes: tuple[int, ...] = (1, 5, 22, 45)) -> dict[str, Any]:
-    """(b), (c) and their (d): the embedded grid's heads (first seed) on cached frozen features,
-    the whole grid and ``sizes`` heads spread over it, one at a time vs together."""
-    base = load_grid(EMBEDDED_GRID)
-    seed = min(c.seed for c in base.cells)
-    base.cells = [c for c in base.cells if c.seed == seed]
-
-    def change(cell: Cell) -> None:
-        cell.recipe = cell.recipe.replace(protocol="frozen", freeze_backbone=False, augment="none")
-
-    with scratch_cache():
-        warm = _changed(base, change)
-        warm.cells = warm.cells[:1]
-        warm.cells[0].recipe = warm.cells[0].recipe.replace(epochs=1)
-        _timed_grid(warm, accelerator)  # images decoded and features cached before timing
-        full = _both_ways(base, change, accelerator)
-        full["limit"] = measure_limit(full.pop("grid"), accelerator)
-        growth = []
-        trained = _trained_heads(base)
-        for n in sizes:
-            subset = copy.deepcopy(base)
-            subset.cells = evenly(trained, n)
-            row = _both_ways(subset, change, accelerator)
-            row.pop("grid")
-            growth.append({**row, "n": n})
-    cell = base.cells[0]
-    return {"full": full, "growth": growth, "backbone": cell.backbone, "num_train": cell.dataset_options.get("num_train"),
-            "epochs": cell.recipe.epochs, "image_size": cell.recipe.image_size, "batch_size": cell.recipe.batch_size}
-
-
-def _verdict_at_least(ratio: float, target: float) -> str:
-    return "met" if ratio >= target else f"missed: {ratio:.2f}× of {target:g}×"
-
-
-def render_together(machine: str, command: str, a: dict[str, Any] | None, cached: dict[str, Any] | None) -> str:
-    """The generated part of the heads-together section of docs/performance.md."""
-    lines = [f"Measured by `{command}` on {machine}, in one process run ({time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}).",
-             "*Wall* is the whole grid (training, evaluation, per-run head latency / FLOPs measurements, result files); *training* is",
-             "the time inside training epochs only (one at a time: summed over runs; together: summed over shared passes).", ""]
-    if a:
-        lines += [
-            f"### (a) {a['heads']} heads on a frozen `{a['backbone']}`, {a['augment']} augmentation", "",
-            f"{a['heads']} head configurations spread evenly over `configs/{EMBEDDED_GRID}.toml`'s heads, {a['num_train']} training images of",
-            f"{a['image_size']} px, {a['epochs']} epochs, batch {a['batch_size']}; the backbone (random init) runs on every augmented batch.", "",
-            "| | one at a time (s) | together (s) | speed-up | target |", "|---|---:|---:|---:|---|",
-            f"| wall | {a['alone_s']:.1f} | {a['together_s']:.1f} | **{a['ratio']:.1f}×** | ≥ 4×: {_verdict_at_least(a['ratio'], 4)} |",
-            f"| training | {a['alone_train_s']:.1f} | {a['together_train_s']:.1f} | {a['alone_train_s'] / a['together_train_s']:.1f}× | |", "",
-        ]
-    if cached:
-        f = cached["full"]
-        speed = f["ratio"]
-        lines += [
-            f"### (b) The `{EMBEDDED_GRID}` head grid on cached frozen features", "",
-            f"Every cell of the grid's first seed ({f['runs']} runs, {f['heads']} trained, the others derived), `protocol = \"frozen\"` on",
-            f"`{cached['backbone']}` features ({cached['num_train']} training images of {cached['image_size']} px, {cached['epochs']} epochs, batch {cached['batch_size']});",
-            "features cached before timing.", "",
-            "| | one at a time (s) | together (s) | speed-up | target |", "|---|---:|---:|---:|---|",
-            f"| wall | {f['alone_s']:.1f} | {f['together_s']:.1f} | **{speed:.2f}×** | not slower: {'met' if speed >= 1 else 'missed'} |",
-            f"| training | {f['alone_train_s']:.1f} | {f['together_train_s']:.1f} | {f['alone_train_s'] / f['together_train_s']:.2f}× | |", "",
-            "### (c) Wall time against the number of heads in a group (cached features, as (b))", "",
-            "| heads | one at a time (s) | together (s) | speed-up | training one at a time (s) | training together (s) | together, per head (s) |",
-            "|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for g in cached["growth"]:
-            lines.append(f"| {g['n']} | {g['alone_s']:.1f} | {g['together_s']:.1f} | {g['ratio']:.2f}× | {g['alone_train_s']:.1f} | "
-                         f"{g['together_train_s']:.1f} | {g['together_s'] / g['n']:.2f} |")
-        lines.append("")
-    limits = [(f"(a) {a['heads']} heads, frozen `{a['backbone']}` + augmentation", a) for _ in [0] if a] + \
-             [(f"(b) {cached['full']['heads']} heads, cached features", cached["full"]) for _ in [0] if cached]
-    if limits:
-        lim0 = limits[0][1]["limit"]
-        lines += [
-            "### (d) Distance to the limit", "",
-            "A group's training epoch (the real `GroupTrainer` epoch: loader, features once per batch, every head, one backward,",
-            "one optimizer step, its per-step checks) over its floor: one pass of the loader with the frozen backbone on the",
-            "augmented batches (or one read of the cached features), plus each head's own forward and backward on the same",
-            f"feature batches, head after head. Timed in turn on the first {lim0['batches']} batches, {lim0['repeats']} times (the repeat with the median",
-            "ratio is shown, in seconds per full epoch), so the machine's changing load stays out of the ratio; the heads' own",
-            "optimizer steps, timed the same way, are shown apart (the group takes them too). *Epoch in the run*: the group's",
-            "epoch in the timed grid run above, for reference.", "",
-            "| setting | group epoch (s) | backbone pass / feature read (s) | heads' forward + backward (s) | limit (s) | ratio | heads' optimizer steps (s) | epoch in the run (s) | target ≤ 1.5× |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-        ]
-        for label, r in limits:
-            lim = r["limit"]
-            verdict = "met" if lim["ratio"] <= 1.5 else f"missed by {lim['ratio'] - 1.5:.2f}"
-            lines.append(f"| {label} | {lim['group_s']:.2f} | {lim['pass_s']:.2f} | {lim['heads_fwd_bwd_s']:.2f} | {lim['limit_s']:.2f} | "
-                         f"**{lim['ratio']:.2f}×** | {lim['heads_step_s']:.2f} | {r['group_epoch_s']:.2f} | {verdict} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -39,7 +39,7 @@ COLUMNS: dict[str, pa.DataType] = {
     "head_latency_b1_ms": _FLOAT, "head_latency_b64_ms": _FLOAT,
     "weights_origin": _STR, "input_mean": JSON, "input_std": JSON, "feature_shape": JSON,
     "peak_memory_mib": _FLOAT, "peak_memory_kind": _STR, "wall_s": _FLOAT,
-    # heads trained in one shared pass (bench/engine/group.py): {"id", "size", "wall_s"}; null when alone
+    # heads trained in one shared pass (bench/engine/job.py, trainer.py): {"id", "size", "wall_s"}; null when alone
     "trained_with": JSON,
     # model selection (bench.engine.selection, docs/model-selection.md): the recipe's ``select``, the kept
     # epoch (1-based), its validation mAP (NaN without a validation split), the held-out image count and
