@@ -52,7 +52,6 @@ recipe and seeds, so any head dropped into ``heads/`` can be run on any grid.
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -60,10 +59,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.api import registry
-from bench.api.observe import OBSERVE_KEYS, split_observe
+from bench.api.observe import split_observe
 from bench.api.head import check_hparam_values
 from bench.api.registry import describe_backbone_names, is_known_backbone
 from bench.config.recipe import Recipe, resolve_recipe
+from bench.config.datasets import coerce_setting, expand_datasets
 from bench.config.identity import config_hash
 from bench.config.tune import TuneSpec, parse_tune, point_recipes, refit_cells, tune_family, tune_fields, tune_group
 from bench.core.errors import UsageError, choices
@@ -72,11 +72,8 @@ from bench.core.paths import PROJECT_ROOT
 CONFIG_DIR = PROJECT_ROOT / "configs"
 #: seeds feed numpy's and torch's generators, which take 32-bit unsigned integers
 MAX_SEED = 2**32 - 1
-#: the largest integer any setting may take (numpy and torch hold integers as int64)
-MAX_INT64 = 2**63 - 1
 # [submit]: scheduler settings for `--submit` (read and validated by bench/cluster/settings.py)
 TOP_KEYS = ("description", "seeds", "recipe", "recipes", "tune", "datasets", "backbones", "heads", "run", "submit")
-DATASET_KEYS = ("name", "root", "train_split", "test_split")
 BACKBONE_KEYS = ("name", "weights")
 RUN_KEYS: dict[str, tuple[type, Any, tuple[Any, ...] | None]] = {
     "save_weights": (str, "all", ("all", "head", "none")),
@@ -230,23 +227,6 @@ def grid_path(name: str) -> Path:
     return candidate
 
 
-def _coerce(value: Any, default: Any, where: str, key: str) -> Any:
-    """Give a TOML value the type of the parameter's default (int -> float where a float is expected);
-    a NaN or infinite number (TOML ``nan``, ``inf``) is never a valid setting."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"{where}: {key!r} = {value!r} is not a finite number")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT64:
-        raise UsageError(f"{where}: {key!r} = {value!r} is out of range; an integer setting lies within +-{MAX_INT64} (int64)")
-    if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)):
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    raise UsageError(
-        f"{where}: {key!r} = {value!r} has type {type(value).__name__}; expected {type(default).__name__} "
-        f"(default {default!r})"
-    )
-
-
 def _table_list(data: dict[str, Any], key: str, where: str) -> list[dict[str, Any]]:
     value = data.get(key)
     if not isinstance(value, list) or not value or not all(isinstance(v, dict) for v in value):
@@ -281,73 +261,6 @@ def _select_heads(entries: list[dict[str, Any]], wanted: list[str] | None, where
             raise UsageError(f"{where}: --heads names unknown head {name!r}; registered heads: {choices(registry.list_heads())}")
         out += declared_entries(name)
     return out
-
-
-def _dataset_root(name: str, entry_root: str | None, data_roots: dict[str, str]) -> tuple[str | None, str]:
-    """Where dataset ``name``'s data is: ``--data-root`` beats the grid's ``root``, which beats
-    ``$HEADBENCH_ROOT_<NAME>``. Returns (root or None, a phrase saying how to set it)."""
-    env = f"HEADBENCH_ROOT_{name.upper()}"
-    how = f"pass --data-root {name}=PATH or set ${env}"
-    for candidate in (data_roots.get(name), entry_root, os.environ.get(env)):
-        if candidate:
-            return str(Path(candidate).expanduser()), how
-    return None, how
-
-
-def _expand_datasets(entries: list[dict[str, Any]], data_roots: dict[str, str], where: str):
-    """(name, options, root, train_split, test_split) per dataset entry, and per dataset entry
-    without a data root (name, how to give it, expected layout)."""
-    resolved, skipped = [], []
-    for i, entry in enumerate(entries):
-        name = entry["name"]
-        label = f"{where} [[datasets]] {i + 1} ({name})"
-        try:
-            cls = registry.dataset_class(name)
-        except UsageError as exc:
-            raise UsageError(f"{label}: {exc}") from None
-        options = {k: v for k, v in entry.items() if k not in DATASET_KEYS}
-        options, observe = split_observe(options, label)
-        defaults = registry.dataset_options(name)
-        unknown = sorted(set(options) - set(defaults))
-        if unknown:
-            valid = ['root', 'train_split', 'test_split', *OBSERVE_KEYS, *sorted(defaults)]
-            raise UsageError(f"{label}: unknown option(s) {choices(unknown)}; valid: {choices(valid)}")
-        for key, value in options.items():
-            if isinstance(value, list) and not (defaults[key] is None or isinstance(defaults[key], (list, tuple))):
-                raise UsageError(f"{label}: option {key!r} is a list; to compare datasets add another [[datasets]] entry")
-            options[key] = _coerce(value, list(defaults[key]) if isinstance(defaults[key], tuple) else defaults[key], label, key)
-        # observe = "all" adds no key, so grids that never name it keep their run ids
-        full = {**defaults, **options, **observe.options()}
-        for key in ("root", "train_split", "test_split"):
-            if key in entry and (not isinstance(entry[key], str) or not entry[key].strip()):
-                raise UsageError(f"{label}: {key} = {entry[key]!r} must be a non-empty string" + (" (a folder path)" if key == "root" else f"; valid splits: {choices(cls.splits)}"))
-        splits = {}
-        for key, default in (("train_split", cls.train_split), ("test_split", cls.test_split)):
-            splits[key] = entry.get(key, default)
-            if splits[key] not in cls.splits:
-                raise UsageError(f"{label}: {key} = {splits[key]!r}; valid splits: {choices(cls.splits)}")
-        root, how = _dataset_root(name, entry.get("root"), data_roots)
-        if getattr(cls, "needs_root", False):
-            if root is None:
-                skipped.append((name, how, cls.expected_layout))
-                continue
-            if not Path(root).is_dir():
-                raise UsageError(f"{label}: data root {root} does not exist or is not a folder ({how}); {cls.expected_layout}")
-        data = _data_identity(name, cls, root, options, splits, label) if getattr(cls, "data_in_identity", False) and root else None
-        resolved.append((name, full, root, splits["train_split"], splits["test_split"], data))
-    return resolved, skipped
-
-
-def _data_identity(name: str, cls: type, root: str, options: dict[str, Any], splits: dict[str, str], label: str) -> str:
-    """A digest of the train and test splits' data (``MultiLabelDataset.data_identity``) of a
-    dataset whose identity is its folder; a bad folder is an error naming the grid entry."""
-    parts = []
-    for key in ("train_split", "test_split"):
-        try:
-            parts.append(registry.build_dataset(name, root, splits[key], **options).data_identity())
-        except UsageError as exc:
-            raise type(exc)(f"{label}: {exc}") from None
-    return config_hash({"data": parts})
 
 
 ALL_HEADS = "*"
@@ -404,7 +317,7 @@ def _expand_heads(entries: list[dict[str, Any]], where: str) -> list[tuple[str, 
             values = given[key] if isinstance(given[key], list) else [given[key]]
             if not values:
                 raise UsageError(f"{label}: {key!r} is an empty list, so the grid would have no cells")
-            value_lists.append([_coerce(v, defaults[key], label, key) for v in values])
+            value_lists.append([coerce_setting(v, defaults[key], label, key) for v in values])
         for combo in itertools.product(*value_lists):
             hparams = {**defaults, **dict(zip(keys, combo))}
             # the head's annotations, ranges included (bench.api.head.coerce_value), before training;
@@ -492,7 +405,7 @@ def load_grid(
         if not isinstance(entry.get("weights", ""), str):
             raise UsageError(f"{where} [[backbones]] {i + 1}: 'weights' must be a path string")
 
-    resolved_datasets, skipped = _expand_datasets(dataset_entries, data_roots or {}, where)
+    resolved_datasets, skipped = expand_datasets(dataset_entries, data_roots or {}, where)
     head_cells = _expand_heads(head_entries, where)
     per_dataset = len(with_sources([
         Cell(dataset="", dataset_options={}, train_split="", test_split="", backbone=bb["name"], weights=bb.get("weights") or None,
