@@ -176,3 +176,27 @@ def test_tuning_points_of_every_head_train_in_one_pass_with_their_own_optimizer(
         assert chosen[group].run_id == best["run_id"]
     # the points differ: an optimizer setting that were ignored would give identical weights
     assert rows.groupby("tune_group")["final_train_loss"].nunique().min() == 4
+
+
+def test_a_full_disk_while_checkpointing_stops_the_launch_with_nothing_half_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ENOSPC inside an epoch checkpoint: a usage error naming the folder (exit 2 at the CLI), no
+    temporary checkpoint folder, no failed row recorded for a run that did nothing wrong, no lock left."""
+    import errno
+
+    from bench.core.errors import NoSpaceError
+    from bench.engine import checkpoints
+
+    real_save = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if str(path).endswith("state.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
+    with pytest.raises(NoSpaceError, match="no space left in .*checkpoints"):
+        run(GRID.format(recipe="", dataset="", heads='[[heads]]\nname = "baseline"\n', tune=""), tmp_path / "r")
+    out = tmp_path / "r"
+    assert not list(out.glob("checkpoints/*/*.tmp")), "a half-written checkpoint was left"
+    assert not list(out.glob("runs/*.parquet")), "a run that did nothing wrong was recorded as failed"
+    assert not [p for p in out.glob("locks/*") if p.is_file()], "the run's lock was not released"

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from bench.core.atomic import is_no_space, no_space
+
 PROGRESS = "progress.json"
 STATE = "state.pt"
 PREFIX = "epoch_"
@@ -137,6 +139,19 @@ def save_members(results_dir: Path, accelerator: Accelerator, epoch: int, member
     """Every process: save each member's state after ``epoch`` (0-based) into its run's checkpoint."""
     books = {m.cell.run_id: EpochCheckpoints(results_dir, m.cell.run_id, accelerator) for m in members}
     tmp = {run_id: book.folder(epoch).with_name(f"{PREFIX}{epoch:04d}.tmp") for run_id, book in books.items()}
+    try:
+        _write_members(books, tmp, accelerator, epoch, members, steps_per_epoch)
+    except Exception as exc:
+        # nothing half-written stays behind: the temporary folders go, the last whole checkpoint stays
+        for folder in tmp.values():
+            shutil.rmtree(folder, ignore_errors=True)
+        if is_no_space(exc):
+            raise no_space(Path(results_dir) / "checkpoints", None, "an epoch checkpoint") from exc
+        raise
+
+
+def _write_members(books: dict[str, EpochCheckpoints], tmp: dict[str, Path], accelerator: Accelerator, epoch: int,
+                   members: list[Any], steps_per_epoch: int) -> None:
     if accelerator.is_main_process:
         for run_id, book in books.items():
             book.begin(epoch)

@@ -19,7 +19,7 @@ from torch import nn
 
 from bench.api.registry import build_head
 from bench.config.grid import Cell
-from bench.core.errors import DataError
+from bench.core.errors import DataError, NoSpaceError
 from bench.engine.checkpoints import EpochCheckpoints
 from bench.engine.claims import claim
 from bench.engine.data_store import DataSplits
@@ -121,7 +121,7 @@ class JobRun:
         memory.reset()
         try:
             members, trunk, data = self.setup(claimed)
-        except (DataError, Interrupted):
+        except (DataError, NoSpaceError, Interrupted):
             raise
         except Exception as exc:  # noqa: BLE001 - the shared setup failed: every claimed run fails
             self.fail_all([cell for cell, _ in claimed], exc)
@@ -138,7 +138,7 @@ class JobRun:
                 trainer = Trainer(sub, trunk, ctx, first_epoch)
                 trainer.train()
                 trainer.evaluate()
-            except (Interrupted, DataError):
+            except (Interrupted, DataError, NoSpaceError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the pass failed (not one member): its runs fail, unless memory
                 acc.free_memory()
@@ -263,7 +263,7 @@ class JobRun:
             )
             write_outputs(row, ctx, cell, data=data, preds=m.preds, head=m.head, feature_shape=trunk.inputs.feature_shape,
                           state_dict=m.view.state_dict, memory=memory)
-        except (Interrupted, DataError):
+        except (Interrupted, DataError, NoSpaceError):
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. the head's cost cannot be measured: its run fails alone
             return failed_row(cell, ctx.grid.name, acc, exc)
@@ -279,7 +279,7 @@ class JobRun:
             return
         try:
             row = self.evaluate_derived(cell)
-        except (Interrupted, DataError):
+        except (Interrupted, DataError, NoSpaceError):
             raise
         except Exception as exc:  # noqa: BLE001 - any failure of one run is recorded, the grid goes on
             row = failed_row(cell, self.ctx.grid.name, self.accelerator, exc)
