@@ -38,6 +38,14 @@ __all__ = ["CellOutcome", "GridSummary", "evaluate_run", "preflight", "run_grid"
 
 def preflight(grid: Grid, store: DataStore) -> None:
     """Build every distinct dataset, backbone and head of the grid once (no training)."""
+    if grid.refits:
+        # the grid layer plans refit cells (bench/config/tune.py); training the chosen point again on
+        # train + validation after its group's choice is not part of the trainer yet: say so, before training
+        raise UsageError(
+            f"{grid.path}: [tune] refit = true is not supported by this version's engine (the chosen point "
+            "would be retrained on train + validation after its group is chosen); remove 'refit' from [tune]: "
+            "the leaderboard then reports each group's chosen point as trained on the training part"
+        )
     backbone_channels: dict[tuple[str, str | None], int] = {}
     built_heads: set[str] = set()
     for cell in grid.cells:
