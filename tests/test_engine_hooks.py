@@ -18,10 +18,11 @@ import pytest
 import torch
 from torch import nn
 
-from bench.api import Head, HeadContext, build_dataset, register_head
+from bench.api import Head, HeadContext, build_dataset, register_head, register_loss
 from bench.api.observe import observed_mask
 from bench.config.grid import load_grid
 from bench.eval.tuning import select_points
+from bench.models.losses import LargeLossCorrectionPermanent
 from bench.results.store import load_all
 
 GRID = """
@@ -211,3 +212,111 @@ def test_a_refit_grid_is_refused_before_training(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="refit"):
         run(GRID.format(recipe='select = "best_val"\nval_fraction = 0.25', dataset="", heads=heads, tune=tune), tmp_path / "t")
     assert not (tmp_path / "t" / "runs").exists() or not list((tmp_path / "t" / "runs").iterdir())
+
+
+# -- LL-Cp: permanent correction (Kim et al., CVPR 2022) through the trainer ---------------------------
+
+LLCP_CALLS: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []  # what the loss got
+LLCP_BATCHES: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, targets, known) from the loader
+
+
+@register_loss("probe_ll_cp")
+class ProbeLLCp(LargeLossCorrectionPermanent):
+    """LL-Cp with δ = 0.1 that records every call (logits, targets and mask as given, the value)."""
+
+    def __init__(self, delta_rel: float = 0.1) -> None:
+        super().__init__(delta_rel)
+
+    def forward(self, logits, targets, known=None, epoch=1):
+        value = super().forward(logits, targets, known=known, epoch=epoch)
+        LLCP_CALLS.append((epoch, logits.detach().double().clone(), targets.detach().clone(), known.clone(), value.item()))
+        return value
+
+
+@register_head("probe_noisy_logits")
+class ProbeNoisyLogits(Head):
+    """A linear head whose training logits get a large seeded noise, so which unknown losses are
+    largest changes from step to step (an entry flipped at epoch 2 may be small at epoch 3)."""
+
+    def __init__(self, in_channels: int, num_classes: int, context: HeadContext | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+        self.noise = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.mean(dim=(2, 3)))
+        if self.training and x.shape[0] > 2:  # not the memory probe's forward
+            out = out + 3.0 * torch.randn(out.shape, generator=self.noise)
+        return out
+
+
+def record_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.engine.trainer import Trainer
+
+    real = Trainer.losses
+
+    def losses(self, feats, targets, known=None, label_state=None, rows=None):
+        LLCP_BATCHES.append((rows.clone(), targets.clone(), known.clone()))
+        return real(self, feats, targets, known, label_state, rows)
+
+    monkeypatch.setattr(Trainer, "losses", losses)
+
+
+def llcp_reference(delta: float = 0.1) -> tuple[int, int]:
+    """Replays every recorded step with the paper's rule in float64: the entries flipped so far are
+    observed positives; from epoch 2 the k = ceil(B·C·(1 − clean_rate)) largest losses among the
+    other unknowns (ties included) are flipped and stay positive. Checks what the loss was given
+    and its value; returns (entries flipped at epoch 2, of them those seen at epoch 3 as positives
+    whose loss as a negative was below that step's threshold)."""
+    assert len(LLCP_CALLS) == len(LLCP_BATCHES) > 0
+    corrected: dict[tuple[int, int], int] = {}  # (row, class) -> epoch it was flipped
+    flipped_at_2, small_later = 0, 0
+    for (epoch, x, t_given, k_given, value), (rows, t0, k0) in zip(LLCP_CALLS, LLCP_BATCHES):
+        b_n, c_n = x.shape
+        known = [[bool(k0[b, c]) or (int(rows[b]), c) in corrected for c in range(c_n)] for b in range(b_n)]
+        target = [[1.0 if (int(rows[b]), c) in corrected else float(t0[b, c]) * bool(k0[b, c]) for c in range(c_n)] for b in range(b_n)]
+        for b in range(b_n):
+            for c in range(c_n):
+                assert bool(k_given[b, c]) == known[b][c]
+                if known[b][c]:
+                    assert float(t_given[b, c]) == target[b][c]
+        loss = {(b, c): bce(float(x[b, c]), target[b][c] if known[b][c] else 0.0) for b in range(b_n) for c in range(c_n)}
+        unknown = [e for e in loss if not known[e[0]][e[1]]]
+        rate = 1.0
+        for _ in range(epoch - 1):
+            rate -= delta
+        flips: list[tuple[int, int]] = []
+        threshold = math.inf
+        if rate != 1 and unknown:
+            k = min(math.ceil(b_n * c_n * (1 - rate)), len(unknown))
+            threshold = sorted((loss[e] for e in unknown), reverse=True)[k - 1]
+            flips = [e for e in unknown if loss[e] >= threshold]
+        total = sum(bce(float(x[e]), 1.0) if e in flips else loss[e] for e in loss)
+        assert value == pytest.approx(total / (b_n * c_n), rel=1e-5, abs=1e-6)
+        if epoch == 3:
+            small_later += sum(1 for (b, c) in loss if corrected.get((int(rows[b]), c)) == 2 and bce(float(x[b, c]), 0.0) < threshold)
+        for b, c in flips:
+            corrected[(int(rows[b]), c)] = epoch
+            flipped_at_2 += epoch == 2
+    return flipped_at_2, small_later
+
+
+def bce(x: float, y: float) -> float:
+    """-[y log σ(x) + (1 - y) log(1 - σ(x))], float64."""
+    p = 1.0 / (1.0 + math.exp(-x))
+    return -(y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+LLCP_GRID = GRID.replace("epochs = 2", "epochs = 3")
+LLCP_DATASET = 'observe = "fraction"\nobserve_fraction = 0.5'
+
+
+def test_ll_cp_flips_the_largest_unknown_losses_for_good(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    LLCP_CALLS.clear()
+    LLCP_BATCHES.clear()
+    record_batches(monkeypatch)
+    run(LLCP_GRID.format(recipe='loss = "probe_ll_cp"', dataset=LLCP_DATASET, heads='[[heads]]\nname = "probe_noisy_logits"\n',
+                         tune=""), tmp_path / "r")
+    flipped_at_2, small_later = llcp_reference()
+    assert flipped_at_2 > 0, "epoch 2 flips the largest unknown losses"
+    assert small_later > 0, "at epoch 3 an entry flipped at epoch 2 is a positive although its loss as a negative is small"

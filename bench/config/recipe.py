@@ -101,6 +101,7 @@ KEYS: dict[str, Key] = {
     # batch's B x C entries is rejected / corrected among the unknown ones (the release's --delta_rel, in percent, / 100)
     "ll_r_delta_rel": Key((float,), 0.002, minimum=0.0, maximum=1.0, doc="LL-R: growth of the rejected share per epoch", in_id_at_default=False, applies_when=("loss", "ll_r")),
     "ll_ct_delta_rel": Key((float,), 0.002, minimum=0.0, maximum=1.0, doc="LL-Ct: growth of the corrected share per epoch", in_id_at_default=False, applies_when=("loss", "ll_ct")),
+    "ll_cp_delta_rel": Key((float,), 0.002, minimum=0.0, maximum=1.0, doc="LL-Cp: growth of the permanently corrected share per epoch", in_id_at_default=False, applies_when=("loss", "ll_cp")),
     "augment": Key((str,), "flip", ("none", "flip", "flip_crop")),
     "crop_scale_min": Key((float,), 0.7, minimum=0.05, maximum=1.0, doc="random-resized-crop area range [min, 1]"),
     "grad_clip": Key((float,), 0.0, minimum=0.0, maximum=1e6, doc="max gradient norm; 0 = no clipping"),

@@ -21,12 +21,14 @@ from bench.data.label_checks import TrainingDataWarning, batch_message
 
 class FetchedBatch(NamedTuple):
     """A batch read in one go: ``data [B, ...]``, ``targets float [B, C]``, ``ignore bool [B, C]``,
-    and, for training items, ``known bool [B, C]`` (None for evaluation items)."""
+    and, for training items, ``known bool [B, C]`` (None for evaluation items); ``rows int64 [B]``:
+    the items' indices (a loss that corrects labels for good keeps them per image: LL-Cp)."""
 
     data: torch.Tensor
     targets: torch.Tensor
     ignore: torch.Tensor
     known: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 class ArrayItems(torch.utils.data.Dataset):
@@ -71,6 +73,7 @@ class ArrayItems(torch.utils.data.Dataset):
             torch.from_numpy(self.targets[rows]),
             torch.from_numpy(self.ignore[rows]),
             None if self.known is None else torch.from_numpy(self.known[rows]),
+            torch.from_numpy(rows),
         )
 
 
@@ -84,10 +87,20 @@ def collate_fetched(batch: Any) -> tuple[torch.Tensor, ...]:
     return batch.data, batch.targets, batch.ignore, batch.known
 
 
+def collate_with_rows(batch: Any) -> tuple[torch.Tensor, ...]:
+    """The ``collate_fn`` of ``array_loader(..., rows=True)``: ``(data, targets, ignore, known,
+    rows int64 [B])``; ``known`` is all True when the items carry no observed mask."""
+    if not isinstance(batch, FetchedBatch) or batch.rows is None:
+        raise TypeError(f"collate_with_rows expects the FetchedBatch of ArrayItems.__getitems__, got {type(batch).__name__}")
+    known = batch.known if batch.known is not None else torch.ones_like(batch.ignore, dtype=torch.bool)
+    return batch.data, batch.targets, batch.ignore, known, batch.rows
+
+
 def array_loader(items: ArrayItems, batch_size: int, shuffle: bool = False,
-                 generator: torch.Generator | None = None) -> torch.utils.data.DataLoader:
+                 generator: torch.Generator | None = None, rows: bool = False) -> torch.utils.data.DataLoader:
     """A single-process ``DataLoader`` yielding ``(data [B, ...], targets [B, C], ignore [B, C])``,
-    with ``known [B, C]`` as a fourth element when ``items`` carries an observed mask.
+    with ``known [B, C]`` as a fourth element when ``items`` carries an observed mask, and, with
+    ``rows``, always ``known`` and then the items' indices ``rows int64 [B]`` as a fifth.
 
     Without ``generator`` the loader gets a fresh one of its own: a DataLoader draws a base seed
     from its generator each time it is iterated, and drawing it from the global generator would
@@ -100,5 +113,5 @@ def array_loader(items: ArrayItems, batch_size: int, shuffle: bool = False,
         warnings.warn(message, TrainingDataWarning, stacklevel=2)
     return torch.utils.data.DataLoader(
         items, batch_size=batch_size, shuffle=shuffle, generator=generator if generator is not None else torch.Generator(),
-        num_workers=0, collate_fn=collate_fetched,
+        num_workers=0, collate_fn=collate_with_rows if rows else collate_fetched,
     )

@@ -3,7 +3,9 @@
 ``results/checkpoints/<run_id>/epoch_NNNN/`` holds, for one member of a pass:
 
 - ``state.pt``: the weights of the module it trains and its optimizer's state (with the schedule's
-  step and, under fp16, the loss scaler), loaded back with ``weights_only=True``;
+  step and, under fp16, the loss scaler), loaded back with ``weights_only=True``; for a loss that
+  corrects labels for good (LL-Cp), also ``corrected``: bool [N, C], the training entries flipped
+  to positive so far;
 - ``rng_<process>.pt``: its random streams on each process (bench.engine.streams);
 - ``progress.json``: epochs done, training seconds and images so far, losses, steps per epoch and
   the model selection's record; ``selection_best.safetensors``: the best epoch's weights.
@@ -135,12 +137,14 @@ class EpochCheckpoints:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def save_members(results_dir: Path, accelerator: Accelerator, epoch: int, members: list[Any], steps_per_epoch: int) -> None:
-    """Every process: save each member's state after ``epoch`` (0-based) into its run's checkpoint."""
+def save_members(results_dir: Path, accelerator: Accelerator, epoch: int, members: list[Any], steps_per_epoch: int,
+                 corrected: dict[str, torch.Tensor] | None = None) -> None:
+    """Every process: save each member's state after ``epoch`` (0-based) into its run's checkpoint;
+    ``corrected``: by run id, the bool [N, C] training entries a member's loss flipped for good."""
     books = {m.cell.run_id: EpochCheckpoints(results_dir, m.cell.run_id, accelerator) for m in members}
     tmp = {run_id: book.folder(epoch).with_name(f"{PREFIX}{epoch:04d}.tmp") for run_id, book in books.items()}
     try:
-        _write_members(books, tmp, accelerator, epoch, members, steps_per_epoch)
+        _write_members(books, tmp, accelerator, epoch, members, steps_per_epoch, corrected or {})
     except Exception as exc:
         # nothing half-written stays behind: the temporary folders go, the last whole checkpoint stays
         for folder in tmp.values():
@@ -151,7 +155,7 @@ def save_members(results_dir: Path, accelerator: Accelerator, epoch: int, member
 
 
 def _write_members(books: dict[str, EpochCheckpoints], tmp: dict[str, Path], accelerator: Accelerator, epoch: int,
-                   members: list[Any], steps_per_epoch: int) -> None:
+                   members: list[Any], steps_per_epoch: int, corrected: dict[str, torch.Tensor]) -> None:
     if accelerator.is_main_process:
         for run_id, book in books.items():
             book.begin(epoch)
@@ -163,6 +167,8 @@ def _write_members(books: dict[str, EpochCheckpoints], tmp: dict[str, Path], acc
         for m in members:
             folder = tmp[m.cell.run_id]
             state = {"module": {k: v.detach().cpu() for k, v in m.module.state_dict().items()}, "optimizer": m.optimizer.state_dict()}
+            if m.cell.run_id in corrected:
+                state["corrected"] = corrected[m.cell.run_id].cpu()
             torch.save(state, folder / STATE)
             m.selector.save(folder)
             progress = {"seconds": m.record.seconds, "images": m.record.images, "losses": m.record.losses,
@@ -171,8 +177,9 @@ def _write_members(books: dict[str, EpochCheckpoints], tmp: dict[str, Path], acc
     accelerator.wait_for_everyone()
 
 
-def load_member(folder: Path, progress: dict[str, Any], member: Any, process_index: int) -> None:
-    """Every process: restore one member (weights, optimizer, random streams, record, selection)."""
+def load_member(folder: Path, progress: dict[str, Any], member: Any, process_index: int) -> torch.Tensor | None:
+    """Every process: restore one member (weights, optimizer, random streams, record, selection);
+    returns the bool [N, C] entries its loss corrected for good (None: it saved none)."""
     state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
     member.module.load_state_dict(state["module"])
     member.optimizer.load_state_dict(state["optimizer"])
@@ -180,3 +187,4 @@ def load_member(folder: Path, progress: dict[str, Any], member: Any, process_ind
     member.stream.load_state_dict(torch.load(rng if rng.is_file() else folder / "rng_0.pt", weights_only=True))
     member.record.seconds, member.record.images, member.record.losses = progress["seconds"], progress["images"], list(progress["losses"])
     member.selector.resume(progress, folder)
+    return state.get("corrected")

@@ -75,6 +75,11 @@ class Trainer:
         self.label_readers = [reads_label_states(m.module) for m in members]
         self.epoch = first_epoch  # 0-based; the losses are told ``epoch + 1`` (large-loss rejection grows per epoch)
         self.select_loader: Any = None
+        # a loss that corrects labels for good (LL-Cp): per member, bool [N, C] over the training
+        # rows, the entries flipped to positive so far (None: its loss corrects nothing). Each
+        # member has its own, so a pass of several heads gives each what it gets alone.
+        self.corrected: list[torch.Tensor | None] = [None] * len(members)
+        self.flips: dict[int, torch.Tensor] = {}  # this step's new flips, bool [B, C] per member
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -100,13 +105,19 @@ class Trainer:
         load the weights of the epoch each member's ``select`` keeps."""
         accelerator, recipe, ctx = self.accelerator, self.recipe, self.ctx
         shuffle = torch.Generator()
-        train_loader = array_loader(self.trunk.inputs.train, batch_size=recipe.batch_size, shuffle=True, generator=shuffle)
+        items = self.trunk.inputs.train
+        correcting = [bool(getattr(fn, "corrects_labels", False)) for fn in self.loss_fns]
+        for i in [i for i, c in enumerate(correcting) if c]:
+            self.corrected[i] = torch.zeros(items.targets.shape, dtype=torch.bool)
+        train_loader = array_loader(items, batch_size=recipe.batch_size, shuffle=True, generator=shuffle, rows=any(correcting))
         self.build(len(train_loader))  # global batches: accelerate splits each across processes
         train_loader = accelerator.prepare(train_loader)
         augmenter, labeler = torch.Generator(), torch.Generator()
         for m in self.members:
             if m.resume is not None:
-                load_member(m.resume[0], m.resume[1], m, accelerator.process_index)
+                saved = load_member(m.resume[0], m.resume[1], m, accelerator.process_index)
+                if self.corrected[m.index] is not None and saved is not None:
+                    self.corrected[m.index] = saved.to(torch.bool).clone()
         if self.first_epoch:
             if len(self.members) == 1:
                 ctx.progress.log(f"resuming {self.members[0].cell.describe()} from its checkpoint after {self.first_epoch} of {recipe.epochs} epochs")
@@ -132,7 +143,9 @@ class Trainer:
                     m.record.losses.append(losses[i])
             self.select(epoch)
             if ctx.checkpoint and epoch + 1 < recipe.epochs:
-                save_members(ctx.results_dir, accelerator, epoch, [m for m in self.members if m.failure is None], self.steps_per_epoch)
+                corrected = {m.cell.run_id: self.corrected[i] for i, m in enumerate(self.members) if self.corrected[i] is not None}
+                save_members(ctx.results_dir, accelerator, epoch, [m for m in self.members if m.failure is None], self.steps_per_epoch,
+                             corrected)
         for m in self.members:
             if m.failure is None:
                 m.selector.restore(m.selected)
@@ -165,11 +178,15 @@ class Trainer:
 
     def losses(
         self, feats: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None = None, label_state: torch.Tensor | None = None,
+        rows: torch.Tensor | None = None,
     ) -> tuple[dict[int, torch.Tensor], dict[int, MemberFailure]]:
         """Every active member's loss on the batch's input; failures by member index.
 
         ``known`` bool [B, C]: the training labels the run observes (None: all); ``label_state``
-        [B, C]: label-mask-training states for the members that read them (None: no such member)."""
+        [B, C]: label-mask-training states for the members that read them (None: no such member);
+        ``rows`` int64 [B]: the batch's training rows, given when a member's loss corrects labels
+        for good: that member's corrected entries reach its loss as observed positives."""
+        self.flips = {}
         modules = unwrap(self.module)
         modules.failures = {}
         with self.accelerator.autocast():
@@ -179,7 +196,15 @@ class Trainer:
             if logits is None:
                 continue
             try:
-                loss = self.loss_fns[i](logits.float(), targets.float(), known=known, epoch=self.epoch + 1)
+                member_targets, member_known = targets, known
+                fixed = self.corrected[i]
+                if fixed is not None and rows is not None:
+                    flipped = fixed[rows.cpu()].to(targets.device)
+                    member_targets = torch.where(flipped, torch.ones_like(targets), targets)
+                    member_known = flipped if known is None else known.bool() | flipped
+                loss = self.loss_fns[i](logits.float(), member_targets.float(), known=member_known, epoch=self.epoch + 1)
+                if fixed is not None and rows is not None and self.loss_fns[i].last_modified is not None:
+                    self.flips[i] = self.loss_fns[i].last_modified.detach().cpu()
                 if not loss.requires_grad:
                     raise NoGradient("the training loss carries no gradient: the head's output is detached from its "
                                      f"parameters or is not a floating-point tensor (got {logits.dtype})")
@@ -187,6 +212,24 @@ class Trainer:
             except Exception as exc:  # noqa: BLE001 - that member's failure
                 failures[i] = MemberFailure.of(exc)
         return losses, failures
+
+    def keep_corrections(self, rows: torch.Tensor | None) -> None:
+        """Make this step's flips permanent: each surviving member's flipped (row, class) entries
+        join its ``corrected``. On several processes every process flipped entries of its own rows
+        only; the pairs are gathered so that every process keeps the same arrays."""
+        if rows is None or all(c is None for c in self.corrected):
+            return
+        rows = rows.cpu()
+        local = []
+        for i in self.active:
+            if self.corrected[i] is not None and i in self.flips:
+                b, c = torch.nonzero(self.flips[i], as_tuple=True)
+                local.append((i, rows[b].tolist(), c.tolist()))
+        pairs = gather_object(local) if self.accelerator.num_processes > 1 else local
+        for i, r, c in pairs:
+            fixed = self.corrected[i]
+            if fixed is not None and r:
+                fixed[torch.tensor(r, dtype=torch.long), torch.tensor(c, dtype=torch.long)] = True
 
     def backward(self, losses: dict[int, torch.Tensor]) -> None:
         """Backpropagate every active member's loss. On one process each member's own backward
@@ -207,7 +250,8 @@ class Trainer:
         """One pass over ``loader`` for every active member: (seconds, images, mean loss per member).
 
         A batch is ``(inputs, targets, ignore)`` or, with the observed mask, ``(inputs, targets,
-        ignore, known)``; ``labeler`` draws the label states of members that read them."""
+        ignore, known)``, with the training rows ``rows`` as a fifth element when a member's loss
+        corrects labels for good (:meth:`keep_corrections`); ``labeler`` draws the label states of members that read them."""
         accelerator, n = self.accelerator, len(self.members)
         device = accelerator.device
         self.module.train()
@@ -219,6 +263,7 @@ class Trainer:
         for batch in loader:
             inputs, targets, ignore = batch[0], batch[1], batch[2]
             known = batch[3] if len(batch) > 3 else None
+            rows = batch[4] if len(batch) > 4 else None
             label_state = None
             if labeler is not None and any(self.label_readers[i] for i in self.active):
                 label_state = draw_label_states(targets, labeler, ignore.bool()).to(device)
@@ -233,7 +278,7 @@ class Trainer:
                 trunk_failure, feats = MemberFailure.of(exc), None
             while True:
                 if feats is not None:
-                    losses, failures = self.losses(feats, targets, known, label_state)
+                    losses, failures = self.losses(feats, targets, known, label_state, rows)
                 else:
                     losses, failures = {}, {i: trunk_failure for i in self.active}
                 # one vector of flags per step: [not finite (n), failed (n), stop], summed over processes
@@ -263,6 +308,7 @@ class Trainer:
                 self.backward(losses)
                 for i in list(self.active):
                     self.members[i].optimizer.step()
+                self.keep_corrections(rows)
                 if self.active:
                     totals[torch.tensor(self.active, device=device)] += torch.stack([losses[i].detach() for i in self.active])
             steps += 1

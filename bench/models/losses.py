@@ -186,7 +186,7 @@ class LargeLoss(nn.Module):
     Unknown labels are assumed negative: ℓ = BCE(x, y·known) per entry [B, C]. At epoch e with
     ``clean_rate = 1 − δ·(e − 1)`` (the release lowers it by δ = ``delta_rel`` after each epoch),
     nothing changes while clean_rate = 1 (epoch 1, or δ = 0). Afterwards
-    ``k = ceil(B·C·(1 − clean_rate))`` (LL-Cp: ``k = ceil(B·C·δ)``, the paper's fixed rate), the
+    ``k = ceil(B·C·(1 − clean_rate))``, the
     threshold t is the k-th largest of ``unknown · ℓ`` over the B x C entries, and every unknown
     entry with ℓ >= t (ties included, as the release's ``where(u < t, ...)``) is rejected (loss 0,
     LL-R) or has its target flipped to positive (loss BCE(x, 1), LL-Ct / LL-Cp). The result is the
@@ -199,6 +199,10 @@ class LargeLoss(nn.Module):
     would then train on nothing). With k within the unknown entries, which every setting of the
     paper satisfies, the two agree exactly.
     """
+
+    #: True for a loss whose flips are permanent (LL-Cp): the trainer reads ``last_modified`` after
+    #: every step and from then on gives the flipped entries as observed positives
+    corrects_labels: bool = False
 
     def __init__(self, delta_rel: float = 0.002) -> None:
         super().__init__()
@@ -248,6 +252,22 @@ class LargeLossRejection(LargeLoss):
 class LargeLossCorrectionTemporary(LargeLoss):
     """LL-Ct: the largest unknown losses have their target flipped to positive for this step only.
     See :class:`LargeLoss`."""
+
+    def correct(self) -> bool:
+        return True
+
+
+@register_loss("ll_cp")
+class LargeLossCorrectionPermanent(LargeLoss):
+    """LL-Cp, the paper's permanent correction (Kim et al., CVPR 2022, Sec. 3.3): the step's rule
+    is LL-Ct's (same ``k`` schedule), and every flipped (image, class) stays a positive for the
+    rest of training. The loss itself is stateless: it reports the step's flips in
+    ``last_modified`` and the trainer, which knows each batch row's image, gives them back as
+    observed positives (``targets`` 1, ``known`` True) in every later batch, where they are no
+    longer candidates. The release (snucml/LargeLossMatters) names LL-Cp but its branch never
+    runs (it compares the parsed scheme with ``is``); this follows the paper's text."""
+
+    corrects_labels = True
 
     def correct(self) -> bool:
         return True
