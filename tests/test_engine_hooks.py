@@ -320,3 +320,52 @@ def test_ll_cp_flips_the_largest_unknown_losses_for_good(tmp_path: Path, monkeyp
     flipped_at_2, small_later = llcp_reference()
     assert flipped_at_2 > 0, "epoch 2 flips the largest unknown losses"
     assert small_later > 0, "at epoch 3 an entry flipped at epoch 2 is a positive although its loss as a negative is small"
+
+
+LLCP_RECIPE = 'loss = "ll_cp"\nll_cp_delta_rel = 0.1'
+
+
+def test_ll_cp_corrections_survive_a_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped before epoch 3, the run resumes from the checkpoint after epoch 2, which carries the
+    flipped entries: its row and weights are those of the uninterrupted run."""
+    from bench.engine.interrupt import Interrupted
+    from bench.engine.trainer import Trainer
+    from bench.results.store import load_weights
+
+    grid = LLCP_GRID.format(recipe=LLCP_RECIPE, dataset=LLCP_DATASET, heads='[[heads]]\nname = "baseline"\n', tune="")
+    reference = run(grid, tmp_path / "reference").iloc[0]
+    real = Trainer.run_epoch
+
+    def stop_before_epoch_3(self, *args, **kwargs):
+        if self.epoch == 2:
+            raise Interrupted("stopped by the test before epoch 3")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "run_epoch", stop_before_epoch_3)
+    out = tmp_path / "resumed"
+    assert run(grid, out).empty
+    (folder,) = (out / "checkpoints").glob("*/epoch_0001")
+    corrected = torch.load(folder / "state.pt", weights_only=True)["corrected"]
+    assert corrected.dtype == torch.bool and corrected.shape == (48, 14) and corrected.any()
+    monkeypatch.setattr(Trainer, "run_epoch", real)
+    resumed = run(grid, out).iloc[0]
+    assert resumed["run_id"] == reference["run_id"]
+    for key in ("final_train_loss", "mAP", "CF1"):
+        assert resumed[key] == reference[key], key
+    a, b = load_weights(out, resumed["run_id"]), load_weights(tmp_path / "reference", reference["run_id"])
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_ll_cp_heads_together_equal_heads_alone(tmp_path: Path) -> None:
+    """Each head keeps its own corrections: two ll_cp heads in one pass give what each gives alone."""
+    heads = '[[heads]]\nname = "baseline"\npool = ["avg", "max"]\n'
+    rows = {}
+    for together in (True, False):
+        grid = LLCP_GRID.format(recipe=LLCP_RECIPE, dataset=LLCP_DATASET, heads=heads,
+                                tune=f"[run]\nheads_together = {str(together).lower()}")
+        rows[together] = run(grid, tmp_path / f"together_{together}").set_index("run_id").sort_index()
+    assert len(rows[True]) == 2 and list(rows[True].index) == list(rows[False].index)
+    for key in ("final_train_loss", "mAP", "CF1"):
+        np.testing.assert_allclose(rows[True][key].to_numpy(float), rows[False][key].to_numpy(float), rtol=1e-6, atol=1e-7, err_msg=key)
+    # and the two heads differ, so a shared correction table could not pass unnoticed
+    assert rows[True]["final_train_loss"].iloc[0] != rows[True]["final_train_loss"].iloc[1]
