@@ -223,6 +223,25 @@ def test_training_items_carry_known_as_a_fourth_element() -> None:
         ArrayItems(data, targets, ignore, known[:, :1])
 
 
+def test_a_loader_with_rows_names_each_items_index_as_a_fifth_element() -> None:
+    """LL-Cp keeps its corrections per training image: the shuffled batch says which rows it holds."""
+    data = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    targets = (np.arange(7 * 3).reshape(7, 3) % 2).astype(np.uint8)
+    ignore = np.zeros((7, 3), dtype=bool)
+    known = np.arange(7 * 3).reshape(7, 3) % 3 == 0
+    loader = array_loader(ArrayItems(data, targets, ignore, known), batch_size=3, shuffle=True, generator=torch.Generator().manual_seed(1), rows=True)
+    seen = []
+    for x, y, _ignore, k, rows in loader:
+        assert rows.dtype == torch.int64
+        assert torch.equal(x, torch.from_numpy(data[rows.numpy()]))
+        assert torch.equal(y, torch.from_numpy(targets[rows.numpy()]).float())
+        assert torch.equal(k, torch.from_numpy(known[rows.numpy()]))
+        seen += rows.tolist()
+    assert sorted(seen) == list(range(7)) and seen != list(range(7))  # every row once, shuffled
+    (batch,) = array_loader(ArrayItems(data, targets, ignore), batch_size=7, rows=True)
+    assert len(batch) == 5 and batch[3].dtype == torch.bool and batch[3].all()  # no mask: all observed
+
+
 def test_row_fields_realised_share() -> None:
     mask = np.array([[True, False, False, False], [True, True, False, False]])
     assert observe_fields({"observe": "fraction", "observe_fraction": 0.5, "observe_seed": 0, "num_train": 2}, mask) == {

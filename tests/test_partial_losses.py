@@ -124,7 +124,7 @@ def test_unknown_labels_recipe_key_reaches_the_losses_that_take_it() -> None:
 
 def test_new_recipe_keys_leave_existing_run_identities_alone() -> None:
     identity = Recipe().identity()
-    for key in ("unknown_labels", "ll_r_delta_rel", "ll_ct_delta_rel"):
+    for key in ("unknown_labels", "ll_r_delta_rel", "ll_ct_delta_rel", "ll_cp_delta_rel"):
         assert key not in identity
     assert resolve_recipe({"unknown_labels": "negative"}, "t").identity()["unknown_labels"] == "negative"
 
@@ -157,7 +157,7 @@ def ll_tensors() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return torch.tensor(LX, dtype=torch.float64, requires_grad=True), torch.tensor(LY, dtype=torch.float64), torch.tensor(LK)
 
 
-@pytest.mark.parametrize("name", ["ll_r", "ll_ct"])
+@pytest.mark.parametrize("name", ["ll_r", "ll_ct", "ll_cp"])
 def test_large_loss_epoch_1_rejects_nothing(name: str) -> None:
     x, y, k = ll_tensors()
     value = build_loss(name, delta_rel=0.25)(x, y, known=k, epoch=1).item()
@@ -165,7 +165,7 @@ def test_large_loss_epoch_1_rejects_nothing(name: str) -> None:
     assert value == pytest.approx(plain, abs=1e-12)
 
 
-@pytest.mark.parametrize("name, correct", [("ll_r", False), ("ll_ct", True)])
+@pytest.mark.parametrize("name, correct", [("ll_r", False), ("ll_ct", True), ("ll_cp", True)])
 @pytest.mark.parametrize("epoch, k, expected", [
     (2, 3, {(0, 1), (0, 4), (1, 2), (1, 3)}),
     (3, 5, {(0, 1), (0, 4), (1, 2), (1, 3), (0, 3)}),
@@ -214,7 +214,7 @@ def test_large_loss_with_every_label_observed_is_plain_bce_at_any_epoch() -> Non
     x = torch.tensor(X, dtype=torch.float64)
     y = torch.tensor(Y, dtype=torch.float64)
     plain = sum(bce(X[b][c], Y[b][c]) for b, c in entries()) / 10
-    for name in ("ll_r", "ll_ct"):
+    for name in ("ll_r", "ll_ct", "ll_cp"):
         assert build_loss(name, delta_rel=0.3)(x, y, known=None, epoch=6).item() == pytest.approx(plain, abs=1e-12)
 
 
@@ -223,3 +223,14 @@ def test_large_loss_float32_logits_match_the_float64_reference() -> None:
     value = build_loss("ll_ct", delta_rel=0.25)(x, torch.tensor(LY, dtype=torch.float32), known=torch.tensor(LK), epoch=2)
     assert value.dtype == torch.float32
     assert value.item() == pytest.approx(large_loss_reference(3, True), abs=1e-5)
+
+
+def test_ll_cp_takes_its_recipe_key_and_is_the_only_loss_whose_corrections_last() -> None:
+    """One LL-Cp step is LL-Ct's rule (the parametrised tests above); what differs is that the
+    trainer keeps its flips (tests/test_engine_hooks.py replays a whole run against the paper's rule)."""
+    cp = resolve_recipe({"loss": "ll_cp", "ll_cp_delta_rel": 0.05}, "test")
+    assert loss_params("ll_cp", cp.to_dict()) == {"delta_rel": 0.05}
+    assert make_loss(cp).delta_rel == 0.05
+    assert resolve_recipe({"loss": "ll_cp", "ll_cp_delta_rel": 0.05}, "t").identity()["ll_cp_delta_rel"] == 0.05
+    assert build_loss("ll_cp").corrects_labels
+    assert not build_loss("ll_ct").corrects_labels and not build_loss("ll_r").corrects_labels
