@@ -200,14 +200,3 @@ def test_a_full_disk_while_checkpointing_stops_the_launch_with_nothing_half_writ
     assert not list(out.glob("checkpoints/*/*.tmp")), "a half-written checkpoint was left"
     assert not list(out.glob("runs/*.parquet")), "a run that did nothing wrong was recorded as failed"
     assert not [p for p in out.glob("locks/*") if p.is_file()], "the run's lock was not released"
-
-
-def test_a_refit_grid_is_refused_before_training(tmp_path: Path) -> None:
-    """Refit cells are planned by the grid but not trained by this engine: a clear usage error, not a silent no-op."""
-    from bench.core.errors import UsageError
-
-    heads = '[[heads]]\nname = "baseline"\n'
-    tune = '[tune]\nlr = [0.001, 0.05]\nrefit = true\n'
-    with pytest.raises(UsageError, match="refit"):
-        run(GRID.format(recipe='select = "best_val"\nval_fraction = 0.25', dataset="", heads=heads, tune=tune), tmp_path / "t")
-    assert not (tmp_path / "t" / "runs").exists() or not list((tmp_path / "t" / "runs").iterdir())
