@@ -141,3 +141,49 @@ def test_a_group_whose_every_point_failed_gets_a_failed_refit_that_says_why(tmp_
     assert run(load(out, head="refit_probe_fails"), out).count("failed-before") == 4
     retried = run(load(out, head="refit_probe_fails"), out, retry_failed=True)
     assert len(retried.failed) == 4
+
+
+# SIGKILL right after the first epoch checkpoint folder is renamed into place (it appears): a
+# launch killed mid-pass, with one point's checkpoint on disk and the others' not.
+KILL_HOOK = """
+import os, re, signal
+_rename = os.rename
+
+def rename(src, dst, *args, **kwargs):
+    _rename(src, dst, *args, **kwargs)
+    if re.search(r"epoch_[0-9]{4}[.]tmp$", os.fspath(src)):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+os.rename = rename
+"""
+
+
+def test_a_killed_tuned_group_resumes_to_the_rows_of_an_uninterrupted_launch(tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from conftest import run_cli
+
+    grid = tmp_path / "g.toml"
+    grid.write_text(GRID.format(head="baseline"))
+    reference = tmp_path / "reference"
+    done = run_cli("--grid", str(grid), "--results", str(reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK)
+    out = tmp_path / "killed"
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}
+    killed = run_cli("--grid", str(grid), "--results", str(out), env=env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert list(out.glob("checkpoints/*/epoch_0000")) and not list(out.glob("runs/*.parquet"))
+    again = run_cli("--grid", str(grid), "--results", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "4 trained, 0 already done" in again.stdout
+    mine, theirs = load_all(out).set_index("run_id"), load_all(reference).set_index("run_id")
+    assert set(mine.index) == set(theirs.index) and len(mine) == 4 and (mine["status"] == "finished").all()
+    assert refit_rows(mine.reset_index())["run_id"].tolist() == refit_rows(theirs.reset_index())["run_id"].tolist()
+    for metric in ("mAP", "final_train_loss", "val_mAP"):
+        a, b = mine.loc[theirs.index, metric], theirs[metric]
+        assert ((a == b) | (a.isna() & b.isna())).all(), metric
+    assert not any((out / "locks").iterdir())
