@@ -187,3 +187,21 @@ def test_a_killed_tuned_group_resumes_to_the_rows_of_an_uninterrupted_launch(tmp
         a, b = mine.loc[theirs.index, metric], theirs[metric]
         assert ((a == b) | (a.isna() & b.isna())).all(), metric
     assert not any((out / "locks").iterdir())
+
+
+def test_shards_run_each_refit_with_its_tune_group(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    grid = tmp_path / "s.toml"
+    grid.write_text(GRID.format(head="baseline").replace("seeds = [0]", "seeds = [0, 1]").replace("lr = [0.0001, 0.3, 0.01]", "lr = [0.0001, 0.3]"))
+    out = tmp_path / "shards"
+    seen = set()
+    for k in (1, 2):
+        done = run_cli("--grid", str(grid), "--results", str(out), "--shard", f"{k}/2")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "3 trained, 0 already done" in done.stdout and "waiting" not in done.stdout, done.stdout[-2000:]
+        rows = load_all(out)
+        new = rows[~rows["run_id"].isin(seen)]
+        seen |= set(new["run_id"])
+        assert new["seed"].nunique() == 1 and len(refit_rows(new)) == 1  # a whole tune group with its refit
+    assert len(seen) == 6
