@@ -203,7 +203,10 @@ def cmd_run(argv: list[str]) -> int:
         from bench.config.grid import parse_shard, shard_cells
 
         shard, count = parse_shard(args.shard)
-        grid.cells = shard_cells(grid.cells, shard, count)
+        # a refit is in its tune group's family (tune_family), so it runs in the shard of its points
+        sharded = shard_cells(grid.cells + grid.refits, shard, count)
+        grid.cells = [c for c in sharded if not c.tune_refit]
+        grid.refits = [c for c in sharded if c.tune_refit]
         shard_text = f" (shard {shard}/{count})"
     if args.dry_run:
         console.print(f"grid {grid.name}{shard_text} ({grid.path}): {len(grid.cells)} cells", soft_wrap=True)
@@ -283,12 +286,13 @@ def _print_outcome(summary: GridSummary, stop: StopRequest, results_dir: Path, c
         return
     written = report.build_report([results_dir], console=console)
     path = written.get("md", results_dir / "leaderboard.md")
-    skipped = {k: summary.count(k) for k in ("already-finished", "failed-before", "claimed", "source-unfinished")}
+    skipped = {k: summary.count(k) for k in ("already-finished", "failed-before", "claimed", "source-unfinished", "points-unfinished")}
     console.print(
         f"{summary.trained} trained, {skipped['already-finished']} already done, {len(summary.failed)} failed"
         + (f", {skipped['failed-before']} failed before (use --retry-failed)" if skipped["failed-before"] else "")
         + (f", {skipped['claimed']} claimed by another launch" if skipped["claimed"] else "")
         + (f", {skipped['source-unfinished']} waiting for a source run that has no result yet (run again)" if skipped["source-unfinished"] else "")
+        + (f", {skipped['points-unfinished']} refits waiting for points that have no result yet (run again)" if skipped["points-unfinished"] else "")
         + f"; leaderboard: {path}"
     )
     for outcome in summary.failed:

@@ -363,6 +363,27 @@ def test_a_group_of_heads_trained_together_reads_the_test_split_only_after_its_l
     assert max(train) < min(test), f"test split read at event {min(test)}, before training step at event {max(train)}"
 
 
+def test_a_tuned_group_reads_the_test_split_only_after_every_point_trained_and_its_refit_after_the_choice(tmp_path: Path) -> None:
+    """[tune] on a frozen backbone: the points of a group train in one pass and the test split is
+    read only after the last step of every point (every choice of the group is made by then); the
+    refit trains only after that, on all 120 training images."""
+    recipe = 'select = "best_val"\nprotocol = "frozen"\naugment = "none"'
+    text = PROBE_GRID.format(recipe=recipe, tag="tuned").replace("lr = 0.01\n", "") + "[tune]\nlr = [0.01, 0.1]\nrefit = true\n"
+    log = tmp_path / "probe.log"
+    rows = run(write_grid(tmp_path, text), tmp_path / "results", log)
+    refit = [r for r in rows if r["tune_refit"]]
+    assert len(rows) == 3 and len(refit) == 1 and refit[0]["train_images"] == 120
+    seen = events(log)
+    train = [i for i, e in enumerate(seen) if e == "train"]
+    test = [i for i, e in enumerate(seen) if e.startswith("test")]
+    refit_steps = 3 * STEPS_PER_EPOCH  # ceil(120 / 32) = 4 steps per epoch, a pass of one: no memory probe
+    assert len(train) >= 2 * 3 * STEPS_PER_EPOCH + refit_steps
+    points_last, refit_first = train[-refit_steps - 1], train[-refit_steps]
+    assert test, "the test split was never read"
+    assert points_last < min(test), f"test split read at event {min(test)}, before a point's training step at event {points_last}"
+    assert min(test) < refit_first  # the refit trains after its group's rows are written (the choice needs them)
+
+
 def test_best_test_reads_the_test_split_after_every_epoch(tmp_path: Path) -> None:
     """The positive control of the observation above: a best_test run is seen reading early."""
     log = tmp_path / "probe.log"

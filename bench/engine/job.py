@@ -72,6 +72,16 @@ class JobRun:
                     lock.release()
             self.accelerator.free_memory()
 
+    def fail_unrun(self, exc: BaseException) -> None:
+        """Claim the job's cells and record each as failed with ``exc`` without training (a refit
+        whose tune group has no point that can win: bench.engine.refits)."""
+        try:
+            self.fail_all([cell for cell, _ in self.claims(self.job.cells)], exc)
+        finally:
+            for run_id, lock in self.locks.items():
+                if run_id not in self.written:
+                    lock.release()
+
     # -- claims and rows ---------------------------------------------------------------------------
 
     def claims(self, cells: list[Cell]) -> list[tuple[Cell, tuple[Path, dict[str, Any]] | None]]:

@@ -5,7 +5,8 @@ Every process of an ``accelerate launch`` runs this loop in step. Before any tra
 hyper-parameter value, a missing data root or a weights file that does not fit is reported (exit
 status 2) before hours are spent on the jobs that come first. The grid is then planned into jobs
 (bench.engine.jobs) and each job runs start to end (bench.engine.job): claim, build, train in
-passes (bench.engine.trainer), write rows, evaluate derived heads.
+passes (bench.engine.trainer), write rows, evaluate derived heads. A tuned grid's refits run last,
+each once its tune group's points all have rows (bench.engine.refits).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from bench.engine.data_store import DataStore
 from bench.engine.evaluate import evaluate_run
 from bench.engine.interrupt import StopRequest
 from bench.engine.job import JobRun
-from bench.engine.jobs import plan_jobs
-from bench.engine.launch import RunContext
+from bench.engine.jobs import Job, plan_jobs
+from bench.engine.launch import RunContext, broadcast
 from bench.engine.outcomes import CellOutcome, GridSummary
 from bench.engine.progress import Progress
+from bench.engine.refits import NoPointCanWin, plan_refit
 from bench.models.backbones import build_backbone
 from bench.results import store as results
 
@@ -38,14 +40,6 @@ __all__ = ["CellOutcome", "GridSummary", "evaluate_run", "preflight", "run_grid"
 
 def preflight(grid: Grid, store: DataStore) -> None:
     """Build every distinct dataset, backbone and head of the grid once (no training)."""
-    if grid.refits:
-        # the grid layer plans refit cells (bench/config/tune.py); training the chosen point again on
-        # train + validation after its group's choice is not part of the trainer yet: say so, before training
-        raise UsageError(
-            f"{grid.path}: [tune] refit = true is not supported by this version's engine (the chosen point "
-            "would be retrained on train + validation after its group is chosen); remove 'refit' from [tune]: "
-            "the leaderboard then reports each group's chosen point as trained on the training part"
-        )
     backbone_channels: dict[tuple[str, str | None], int] = {}
     built_heads: set[str] = set()
     for cell in grid.cells:
@@ -109,4 +103,33 @@ def run_grid(
         JobRun(job, ctx, retry_failed, summary).run()
         if summary.interrupted:
             break
+    if not summary.interrupted:
+        run_refits(grid, ctx, retry_failed, summary)
     return summary
+
+
+def run_refits(grid: Grid, ctx: RunContext, retry_failed: bool, summary: GridSummary) -> None:
+    """``[tune] refit = true``: each refit of ``grid`` after the jobs of its points, one at a time
+    (bench.engine.refits). With ``--retry-failed`` a refit runs when its effective run failed, or
+    has no row yet (its choice changed since: a retried point now wins)."""
+    accelerator = ctx.accelerator
+    points = {cell.run_id: cell for cell in grid.cells if cell.tuned and not cell.tune_refit}
+    for refit in grid.refits:
+        if any_process(accelerator, ctx.stop.requested):
+            summary.interrupted = True
+            return
+        plan, retry = None, retry_failed
+        if accelerator.is_main_process:
+            plan = plan_refit(refit, points, ctx.results_dir)
+            retry = retry_failed and results.run_status(ctx.results_dir, plan.cell.run_id) is not None
+        plan, retry = broadcast(accelerator, (plan, retry))
+        if plan.action == "wait":
+            summary.add(plan.cell, plan.reason)
+            continue
+        job = JobRun(Job(f"refit:{plan.cell.run_id}", cells=[plan.cell]), ctx, retry, summary)
+        if plan.action == "fail":
+            job.fail_unrun(NoPointCanWin(plan.error))
+        else:
+            job.run()
+        if summary.interrupted:
+            return
