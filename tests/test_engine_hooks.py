@@ -203,6 +203,42 @@ def test_a_full_disk_while_checkpointing_stops_the_launch_with_nothing_half_writ
     assert not [p for p in out.glob("locks/*") if p.is_file()], "the run's lock was not released"
 
 
+# -- LL-Cp: permanent correction (Kim et al., CVPR 2022) through the trainer ---------------------------
+
+LLCP_CALLS: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, float]] = []  # what the loss got
+LLCP_BATCHES: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (rows, targets, known) from the loader
+
+
+@register_loss("probe_ll_cp")
+class ProbeLLCp(LargeLossCorrectionPermanent):
+    """LL-Cp with δ = 0.1 that records every call (logits, targets and mask as given, the value)."""
+
+    def __init__(self, delta_rel: float = 0.1) -> None:
+        super().__init__(delta_rel)
+
+    def forward(self, logits, targets, known=None, epoch=1):
+        value = super().forward(logits, targets, known=known, epoch=epoch)
+        LLCP_CALLS.append((epoch, logits.detach().double().clone(), targets.detach().clone(), known.clone(), value.item()))
+        return value
+
+
+@register_head("probe_noisy_logits")
+class ProbeNoisyLogits(Head):
+    """A linear head whose training logits get a large seeded noise, so which unknown losses are
+    largest changes from step to step (an entry flipped at epoch 2 may be small at epoch 3)."""
+
+    def __init__(self, in_channels: int, num_classes: int, context: HeadContext | None = None) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels, num_classes)
+        self.noise = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.mean(dim=(2, 3)))
+        if self.training and x.shape[0] > 2:  # not the memory probe's forward
+            out = out + 3.0 * torch.randn(out.shape, generator=self.noise)
+        return out
+
+
 def record_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench.engine.trainer import Trainer
 
