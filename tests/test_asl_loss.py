@@ -125,7 +125,10 @@ def test_every_recipe_loss_is_built_by_name_and_returns_a_scalar() -> None:
     assert {"bce", "multilabel_soft_margin", "asl"} <= set(list_losses())
     x, y = torch.randn(4, 3), (torch.rand(4, 3) < 0.5).float()
     for name in list_losses():
-        value = build_loss(name)(x, y)
+        loss = build_loss(name)
+        if not type(loss).__module__.startswith("bench."):
+            continue  # a probe loss another test module registers in the same session
+        value = loss(x, y)
         assert value.ndim == 0 and torch.isfinite(value)
     assert build_loss("asl", gamma_neg=4, gamma_pos=0, clip=0.05)(x, y).ndim == 0
 
