@@ -78,8 +78,10 @@ class BCELoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None = None, epoch: int = 1) -> torch.Tensor:
         """logits [B, C], targets [B, C] in {0, 1}, known bool [B, C] or None -> a scalar."""
         x, y, mask = _working(logits, targets, known)
+        if known is None or bool(mask.all()):  # every label observed: torch's own mean (as BCEWithLogitsLoss)
+            return F.binary_cross_entropy_with_logits(x, y)
         entries = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-        if known is None or self.unknown_labels == "negative":
+        if self.unknown_labels == "negative":
             return entries.mean()
         count = int(mask.sum())
         return entries[mask].sum() / count if count else _zero(x)
@@ -99,8 +101,10 @@ class MultiLabelSoftMarginLoss(nn.Module):
     def forward(self, logits: torch.Tensor, targets: torch.Tensor, known: torch.Tensor | None = None, epoch: int = 1) -> torch.Tensor:
         """logits [B, C], targets [B, C] in {0, 1}, known bool [B, C] or None -> a scalar."""
         x, y, mask = _working(logits, targets, known)
+        if known is None or bool(mask.all()):  # every label observed: torch's own (as MultiLabelSoftMarginLoss)
+            return F.multilabel_soft_margin_loss(x, y)
         entries = F.binary_cross_entropy_with_logits(x, y, reduction="none")
-        if known is None or self.unknown_labels == "negative":
+        if self.unknown_labels == "negative":
             return entries.mean(dim=1).mean()
         per_sample = mask.sum(dim=1)
         rows = per_sample > 0
