@@ -128,7 +128,7 @@ def test_plugin_that_fails_to_import_is_named(tmp_path: Path) -> None:
 def test_plugin_folders_do_not_shadow_pypi_packages() -> None:
     """Plugins live under a private namespace: no module called `datasets` or `heads` appears."""
     code = (
-        "import json, sys; from bench import registry; registry.load_plugins(); "
+        "import json, sys; from bench.api import registry; registry.load_plugins(); "
         "print(json.dumps(sorted(m for m in sys.modules if m in ('datasets', 'heads') or m.startswith('_headbench_plugins.'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
