@@ -21,6 +21,7 @@ import submitit
 from bench.cluster.settings import SubmitSettings
 from bench.cluster.task import GridTask, TaskOutcome, TaskSpec
 from bench.config.grid import Cell, shard_cells
+from bench.core.errors import UsageError
 from bench.core.atomic import atomic_write_bytes
 from bench.core.paths import PROJECT_ROOT
 
@@ -43,7 +44,13 @@ class Submission:
 def shares(cells: list[Cell], jobs: int) -> list[tuple[str, ...]]:
     """The run ids of shard K/N for K = 1..N, N = ``jobs`` or the number of cell families if the
     grid has fewer (a task with an empty shard would have nothing to run)."""
-    count = sum(1 for k in range(1, jobs + 1) if shard_cells(cells, k, jobs))
+    count = jobs
+    while count > 1:
+        try:  # shard N/N is empty exactly when the grid has fewer than N families
+            shard_cells(cells, count, count)
+            break
+        except UsageError:
+            count -= 1
     return [tuple(c.run_id for c in shard_cells(cells, k, count)) for k in range(1, count + 1)]
 
 

@@ -261,7 +261,7 @@ LEADERBOARD_COLUMNS: tuple[Column, ...] = (
 
 BEST_COLUMNS: tuple[Column, ...] = (
     Column("dataset", "The registered dataset (`datasets/<name>.py`) whose test split is scored.", lambda r: str(r["dataset"]), lambda r: str(r["dataset"]), align="left"),
-    Column("backbone", "The feature extractor the head sits on (`bench/models/backbones.py`).", lambda r: str(r["backbone"]), lambda r: str(r["backbone"]), align="left"),
+    Column("backbone", "The feature extractor the head sits on (`bench/models/backbones/`).", lambda r: str(r["backbone"]), lambda r: str(r["backbone"]), align="left"),
     Column("protocol", "The recipe's protocol: `finetune` trains backbone and head, `frozen` trains the head on fixed backbone features.", lambda r: str(r["protocol"]), lambda r: str(r["protocol"]), align="left"),
     *[c for c in LEADERBOARD_COLUMNS if c.label in ("head", "hyper-parameters", "mAP", "n", "Δ mAP [95% CI]")],
     Column(
