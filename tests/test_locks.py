@@ -78,12 +78,13 @@ def test_a_stale_lock_is_taken_over_and_the_trainer_refreshes_its_own(tmp_path: 
     assert {run_id for run_id, _ in mine} <= {avg, mx} and mine, seen
     # a stale time of 1 s means a refresh at least every 0.25 s while a run trains: a lock held for
     # L seconds was touched about 4 L times (seen by polling every 0.05 s), not once per 30 s (the
-    # default refresh period). Asked: at least once per 0.75 s held, and at least one lock held long
-    # enough (>= 1.5 s, so at least 2 touches) for the check to say something on a fast machine too
+    # default refresh period). Asked: a lock touched after it was taken, and at least once per second
+    # held (a quarter of the expected count, for a busy machine's polling)
     held = {key: lifetime[key][1] - lifetime[key][0] for key in mine}
-    assert max(held.values()) >= 1.5, held
+    # with the default 30 s period every lock would show its acquisition time alone
+    assert max(len(times) for times in mine.values()) >= 2, (seen, held)
     for key, times in mine.items():
-        assert len(times) >= max(1, int(held[key] / 0.75)), (key, len(times), held[key])
+        assert len(times) >= max(1, int(held[key] / 1.0)), (key, len(times), held[key])
 
 
 def test_a_fresh_lock_of_another_launch_is_respected(tmp_path: Path) -> None:
