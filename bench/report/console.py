@@ -16,7 +16,7 @@ from rich.cells import cell_len
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from bench.report import tuning
+import bench.report.tuning as tuning
 from bench.report.model import Report
 from bench.report.tables import Table
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.report.markdown import ACROSS_TITLE, _bootstrap_sentence, _provenance, across_text
-from bench.report import tuning
+import bench.report.tuning as tuning
 from bench.report.model import Report
 from bench.report.plots import slugify
 from bench.report.tables import CONVENTIONS, OPTIMISTIC, Table

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
-from bench.report import tuning
+import bench.report.tuning as tuning
 from bench.report.model import Report, build
 from bench.report.tables import CONVENTIONS, OPTIMISTIC, Table
 
