@@ -58,31 +58,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bench.api import Head, HeadContext, MultiheadAttention, hparam_specs, label_state_indices, register_head
+from bench.api import Head, HeadContext, TransformerEncoderLayer, hparam_specs, label_state_indices, register_head
 
 NUM_STATES = 3  # unknown (padding row 0), known negative, known positive
-
-
-class EncoderLayer(nn.Module):
-    """The release's post-norm ``TransformerEncoderLayer`` (feed-forward width = d, ReLU). [B, S, d] -> [B, S, d]."""
-
-    def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.self_attn = MultiheadAttention(dim, num_heads, dropout)
-        self.linear1 = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def forward(self, e: torch.Tensor) -> torch.Tensor:
-        e = self.norm1(e + self.dropout1(self.self_attn(e, e, e)))
-        return self.norm2(e + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(e))))))
 
 
 class SelfAttnLayer(nn.Module):
@@ -90,7 +70,8 @@ class SelfAttnLayer(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, dropout: float) -> None:
         super().__init__()
-        self.transformer_layer = EncoderLayer(dim, num_heads, dropout)
+        # the release's post-norm nn.TransformerEncoderLayer with feed-forward width d (ReLU), no position embedding
+        self.transformer_layer = TransformerEncoderLayer(dim, num_heads, dim, dropout)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         return self.transformer_layer(e)

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.api import Head, HeadContext, MultiheadAttention, hparam_specs, register_head
+from bench.api import FeedForwardLayer, Head, HeadContext, MultiheadAttention, hparam_specs, register_head
 
 DEFAULT_MAX_GROUPS = 100  # the release's embed_len_decoder when num_of_groups < 0
 
@@ -67,28 +67,25 @@ def num_queries(num_groups: int, num_classes: int) -> int:
     return min(k, num_classes)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(FeedForwardLayer):
     """The release's ``TransformerDecoderLayerOptimal``: q + Dropout(q), LN, cross-attention, LN,
     feed-forward, LN. [B, K, E] queries, [B, N, E] tokens -> [B, K, E]."""
 
     def __init__(self, embed_dim: int, num_heads: int, ff_dim: int, dropout: float) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(embed_dim)
-        self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
         self.multihead_attn = MultiheadAttention(embed_dim, num_heads, dropout)
-        self.linear1 = nn.Linear(embed_dim, ff_dim)
-        self.linear2 = nn.Linear(ff_dim, embed_dim)
+        self.add_feed_forward(embed_dim, ff_dim, dropout)
         self.norm2 = nn.LayerNorm(embed_dim)
         self.norm3 = nn.LayerNorm(embed_dim)
 
     def forward(self, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         q = self.norm1(queries + self.dropout1(queries))  # 2Q in eval mode (the release's quirk)
         q = self.norm2(q + self.dropout2(self.multihead_attn(q, tokens, tokens)))
-        ff = self.linear2(self.dropout(F.relu(self.linear1(q))))
-        return self.norm3(q + self.dropout3(ff))
+        return self.norm3(q + self.dropout3(self.feed_forward(q)))
 
 
 class Decoder(nn.Module):

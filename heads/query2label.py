@@ -55,10 +55,9 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from bench.api import Head, HeadContext, MultiheadAttention, hparam_specs, register_head
+from bench.api import FeedForwardLayer, Head, HeadContext, MultiheadAttention, TransformerEncoderLayer, hparam_specs, register_head
 
 TEMPERATURE = 10000.0
 NORM_EPS = 1e-6  # the release's eps in the normalised coordinates
@@ -82,35 +81,7 @@ def sine_position_embedding(h: int, w: int, dim: int, temperature: float = TEMPE
     return torch.cat([pos_y, pos_x], dim=2).permute(2, 0, 1).contiguous()  # [D, h, w]
 
 
-class EncoderLayer(nn.Module):
-    """DETR's encoder layer: self-attention with the position embedding on queries and keys, FFN."""
-
-    def __init__(self, dim: int, nheads: int, ff: int, dropout: float, pre_norm: bool) -> None:
-        super().__init__()
-        self.pre_norm = pre_norm
-        self.self_attn = MultiheadAttention(dim, nheads, dropout)
-        self.linear1 = nn.Linear(dim, ff)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ff, dim)
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-
-    def ffn(self, u: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(u))))
-
-    def forward(self, src: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """src [B, N, D], pos [N, D] -> [B, N, D]."""
-        if self.pre_norm:
-            u = self.norm1(src)
-            src = src + self.dropout1(self.self_attn(u + pos, u + pos, u))
-            return src + self.dropout2(self.ffn(self.norm2(src)))
-        src = self.norm1(src + self.dropout1(self.self_attn(src + pos, src + pos, src)))
-        return self.norm2(src + self.dropout2(self.ffn(src)))
-
-
-class DecoderLayer(nn.Module):
+class DecoderLayer(FeedForwardLayer):
     """DETR's decoder layer, with the self-attention block (``self_attn``, ``norm1``) optional."""
 
     def __init__(self, dim: int, nheads: int, ff: int, dropout: float, pre_norm: bool, self_attention: bool) -> None:
@@ -122,16 +93,11 @@ class DecoderLayer(nn.Module):
             self.norm1 = nn.LayerNorm(dim)
             self.dropout1 = nn.Dropout(dropout)
         self.multihead_attn = MultiheadAttention(dim, nheads, dropout)
-        self.linear1 = nn.Linear(dim, ff)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ff, dim)
+        self.add_feed_forward(dim, ff, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
         self.dropout2 = nn.Dropout(dropout)
         self.dropout3 = nn.Dropout(dropout)
-
-    def ffn(self, u: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(u))))
 
     def forward(self, tgt: torch.Tensor, memory: torch.Tensor, pos: torch.Tensor, query_pos: torch.Tensor) -> torch.Tensor:
         """tgt [B, C, D], memory [B, N, D], pos [N, D], query_pos [C, D] -> [B, C, D]."""
@@ -141,15 +107,15 @@ class DecoderLayer(nn.Module):
                 u = self.norm1(tgt)
                 tgt = tgt + self.dropout1(self.self_attn(u + query_pos, u + query_pos, u))
             tgt = tgt + self.dropout2(self.multihead_attn(self.norm2(tgt) + query_pos, key, memory))
-            return tgt + self.dropout3(self.ffn(self.norm3(tgt)))
+            return tgt + self.dropout3(self.feed_forward(self.norm3(tgt)))
         if self.has_self_attn:
             tgt = self.norm1(tgt + self.dropout1(self.self_attn(tgt + query_pos, tgt + query_pos, tgt)))
         tgt = self.norm2(tgt + self.dropout2(self.multihead_attn(tgt + query_pos, key, memory)))
-        return self.norm3(tgt + self.dropout3(self.ffn(tgt)))
+        return self.norm3(tgt + self.dropout3(self.feed_forward(tgt)))
 
 
 class Encoder(nn.Module):
-    def __init__(self, layers: list[EncoderLayer], norm: nn.LayerNorm | None) -> None:
+    def __init__(self, layers: list[TransformerEncoderLayer], norm: nn.LayerNorm | None) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -171,7 +137,7 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = Encoder(
-            [EncoderLayer(dim, nheads, ff, dropout, pre_norm) for _ in range(enc_layers)],
+            [TransformerEncoderLayer(dim, nheads, ff, dropout, pre_norm) for _ in range(enc_layers)],
             nn.LayerNorm(dim) if pre_norm else None,
         )
         self.decoder = Decoder(

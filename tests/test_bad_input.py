@@ -161,7 +161,7 @@ def test_derived_head_with_full_weights_is_accepted(tmp_path: Path) -> None:
 
     g = load_grid(grid(tmp_path, WITH_DERIVED + '[run]\nsave_weights = "all"\n'))
     assert any(c.source_run_id for c in g.cells)
-    assert load_grid(grid(tmp_path, TINY_GRID + '[run]\nsave_weights = "none"\n')).run["save_weights"] == "none"  # no derived head
+    assert load_grid(grid(tmp_path, TINY_GRID + '[run]\nsave_weights = "none"\n')).run.save_weights == "none"  # no derived head
 
 
 # -- issue 17, items 4 and 5: data mistakes are reported ----------------------------------------------

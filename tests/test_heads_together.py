@@ -131,7 +131,7 @@ def run_in_process(grid_file: Path, out: Path, together: bool, monkeypatch: pyte
 
     monkeypatch.setattr(rows, "head_cost", cheap_head_cost)  # both paths measure the cost there
     grid = load_grid(str(grid_file))
-    grid.run["heads_together"] = together
+    grid.run = grid.run.replace(heads_together=together)
     accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
     with StopRequest() as stop:
         summary = runner.run_grid(grid, out, accelerator, Progress(False), stop)
@@ -273,7 +273,7 @@ def test_a_head_that_fails_leaves_its_group_and_the_others_finish_as_alone(
 
         monkeypatch.setattr(rows, "head_cost", cheap_head_cost)
         g = load_grid(str(light))
-        g.run["heads_together"] = together
+        g.run = g.run.replace(heads_together=together)
         out = tmp_path / ("together" if together else "alone")
         with StopRequest() as stop:
             runner.run_grid(g, out, Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True)), Progress(False), stop)

@@ -34,7 +34,7 @@ from bench.api.image_files import (
     stat_key,
 )
 from bench.api.label_states import draw_label_states, label_state_indices, max_known
-from bench.api.layers import MultiheadAttention
+from bench.api.layers import FeedForwardLayer, MultiheadAttention, TransformerEncoderLayer
 from bench.api.registry import (
     build_backbone,
     build_dataset,
@@ -67,5 +67,5 @@ __all__ = [
     "index_images", "line_of", "list_backbones", "list_datasets", "list_heads", "list_losses", "missing_images",
     "open_rgb", "reference_head", "register_backbone", "register_backbone_family", "register_dataset",
     "register_head", "register_loss", "safe_relpath", "scan_files", "stat_key", "write_sample_images", "listed_images_digest",
-    "draw_label_states", "label_state_indices", "max_known",
+    "draw_label_states", "label_state_indices", "max_known", "FeedForwardLayer", "TransformerEncoderLayer",
 ]

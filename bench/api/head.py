@@ -40,15 +40,14 @@ The harness reads ONLY these, never a head's name:
 from __future__ import annotations
 
 import inspect
-import math
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import torch
 from torch import nn
 
+from bench.core.coerce import CoerceError, OutOfRange, coerce, is_union, type_name
 from bench.core.errors import UsageError, choices
 from bench.core.paths import source_file
 
@@ -87,7 +86,7 @@ class HParam:
         allowed = self.allowed
         if allowed is not None:
             return f"one of {choices(allowed)}"
-        return _type_name(self.annotation)
+        return type_name(self.annotation)
 
 
 class Head(nn.Module):
@@ -162,7 +161,7 @@ def check_head_class(name: str, cls: Any) -> None:
             raise UsageError(f"{label}: hyper-parameter {p.name!r} has no type annotation")
         try:
             coerce_value(hints[p.name], p.default)
-        except TypeError as exc:
+        except CoerceError as exc:
             raise UsageError(f"{label}: the default of {p.name!r} does not match its annotation: {exc}") from None
     check_metadata(name, cls)
     # a plain nn.Module head gets the neutral metadata of Head, so every reader finds all of it
@@ -192,7 +191,7 @@ def check_metadata(name: str, cls: type) -> None:
             for value in values if isinstance(values, list) else [values]:
                 try:
                     coerce_value(specs[key].annotation, value)
-                except TypeError as exc:
+                except CoerceError as exc:
                     raise UsageError(f"{label}: 'sweep' value {key} = {value!r}: {exc}") from None
     reference = getattr(cls, "reference", None)
     if reference is not None:
@@ -231,7 +230,7 @@ def check_hparam_values(cls: type, hparams: dict[str, Any], label: str) -> dict[
         spec = specs[key]
         try:
             out[key] = coerce_value(spec.annotation, value)
-        except TypeError as exc:
+        except CoerceError as exc:
             detail = f" ({exc})" if isinstance(exc, OutOfRange) else ""
             raise UsageError(f"{label}: hyper-parameter {key!r} = {value!r} is not allowed; expected {spec.describe()}{detail}") from None
     return out
@@ -240,27 +239,9 @@ def check_hparam_values(cls: type, hparams: dict[str, Any], label: str) -> dict[
 def _literal_values(annotation: Any) -> list[Any]:
     if get_origin(annotation) is Literal:
         return list(get_args(annotation))
-    if _is_union(annotation):
+    if is_union(annotation):
         return [v for a in get_args(annotation) for v in _literal_values(a)]
     return []
-
-
-def _is_union(annotation: Any) -> bool:
-    return get_origin(annotation) in (Union, types.UnionType)
-
-
-def _type_name(annotation: Any) -> str:
-    if annotation is type(None) or annotation is None:
-        return "None"
-    if _is_union(annotation):
-        return " or ".join(_type_name(a) for a in get_args(annotation))
-    if get_origin(annotation) is Literal:
-        return f"one of {choices(get_args(annotation))}"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-class OutOfRange(TypeError):
-    """A number of the right type outside the range a hyper-parameter may take."""
 
 
 #: the largest magnitude of a float hyper-parameter: float32's range (a head computes in float32:
@@ -271,52 +252,9 @@ MAX_INT = 2**31 - 1
 
 
 def coerce_value(annotation: Any, value: Any) -> Any:
-    """``value`` as ``annotation`` wants it, or ``TypeError``. Booleans are never numbers; an int
-    is a float where a float is expected; non-finite floats are rejected."""
-    if annotation is Any or annotation is inspect.Parameter.empty:
-        return value
-    if annotation is None or annotation is type(None):
-        if value is None:
-            return None
-        raise TypeError("expected None")
-    origin = get_origin(annotation)
-    if origin is Literal:
-        for allowed in get_args(annotation):
-            if value == allowed and type(value) is type(allowed):
-                return value
-        raise TypeError(f"expected one of {choices(get_args(annotation))}")
-    if _is_union(annotation):
-        for option in get_args(annotation):
-            try:
-                return coerce_value(option, value)
-            except TypeError:
-                continue
-        raise TypeError(f"expected {_type_name(annotation)}")
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(f"expected a {origin.__name__}")
-        args = [a for a in get_args(annotation) if a is not Ellipsis]
-        item = args[0] if args else Any
-        items = [coerce_value(item, v) for v in value]
-        return origin(items)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError("expected a bool (true or false)")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            if abs(value) > MAX_INT:
-                raise OutOfRange(f"expected an int within +-{MAX_INT} (2^31 - 1)")
-            return value
-        raise TypeError("expected an int")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)) or abs(float(value)) > MAX_FLOAT:
-                raise OutOfRange(f"expected a finite number within +-{MAX_FLOAT:g} (the model computes in float32)")
-            return float(value)
-        raise TypeError("expected a number")
-    if isinstance(annotation, type):
-        if isinstance(value, annotation):
-            return value
-        raise TypeError(f"expected {annotation.__name__}")
-    return value
+    """``value`` as a hyper-parameter's ``annotation`` wants it (:func:`bench.core.coerce.coerce`
+    within float32's range and ±(2^31 - 1)), or :class:`bench.core.coerce.CoerceError`."""
+    try:
+        return coerce(annotation, value, max_int=MAX_INT, max_float=MAX_FLOAT)
+    except OutOfRange as exc:
+        raise OutOfRange(f"{exc}: a head computes in float32, and its sizes and counts stay within 2^31 - 1") from None

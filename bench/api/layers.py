@@ -41,3 +41,54 @@ class MultiheadAttention(nn.Module):
         attn = torch.softmax((q * (d // nh) ** -0.5) @ k.transpose(-2, -1), dim=-1)  # [B, H, L, S]
         attn = F.dropout(attn, self.dropout, self.training)
         return self.out_proj((attn @ v).transpose(1, 2).reshape(b, l, d))
+
+
+class FeedForwardLayer(nn.Module):
+    """Base of a transformer layer with the position-wise feed-forward block
+    ``FFN(u) = W2 · dropout(relu(W1 · u + b1)) + b2`` ([..., D] -> [..., D], hidden width F), held
+    under the names released checkpoints use (``linear1`` [F, D], ``dropout``, ``linear2`` [D, F]),
+    so the query heads' released weights load by name.
+
+    A subclass builds its attention first and then calls :meth:`add_feed_forward`: parameters are
+    created (and randomly initialised) in the releases' order, so a seeded model is the same.
+    """
+
+    def add_feed_forward(self, dim: int, ff_dim: int, dropout: float) -> None:
+        self.linear1 = nn.Linear(dim, ff_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ff_dim, dim)
+
+    def feed_forward(self, u: torch.Tensor) -> torch.Tensor:
+        """u [..., D] -> [..., D]."""
+        return self.linear2(self.dropout(F.relu(self.linear1(u))))
+
+
+class TransformerEncoderLayer(FeedForwardLayer):
+    """DETR's encoder layer (Query2Label's encoder; C-Tran's with no position embedding):
+
+    post-norm: ``x = norm1(x + dropout1(MHA(x + p, x + p, x)))``; ``x = norm2(x + dropout2(FFN(x)))``;
+    pre-norm: ``x = x + dropout1(MHA(u + p, u + p, u))`` with ``u = norm1(x)``;
+    ``x = x + dropout2(FFN(norm2(x)))``. x [B, N, D], p [N, D] or None (no embedding) -> [B, N, D].
+    Parameters ``self_attn.*``, ``linear1.*``, ``linear2.*``, ``norm1.*``, ``norm2.*``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, ff_dim: int, dropout: float, pre_norm: bool = False) -> None:
+        super().__init__()
+        self.pre_norm = pre_norm
+        self.self_attn = MultiheadAttention(dim, num_heads, dropout)
+        self.add_feed_forward(dim, ff_dim, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, N, D], pos [N, D] or None -> [B, N, D]."""
+        if self.pre_norm:
+            u = self.norm1(x)
+            qk = u if pos is None else u + pos
+            x = x + self.dropout1(self.self_attn(qk, qk, u))
+            return x + self.dropout2(self.feed_forward(self.norm2(x)))
+        qk = x if pos is None else x + pos
+        x = self.norm1(x + self.dropout1(self.self_attn(qk, qk, x)))
+        return self.norm2(x + self.dropout2(self.feed_forward(x)))

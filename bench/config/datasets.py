@@ -1,12 +1,11 @@
 """The ``[[datasets]]`` entries of a grid: options coerced to their defaults' types, splits checked,
 the data root found, and (for datasets whose identity is their folder) a digest of their data.
 
-Also :func:`coerce_setting`, the one rule for a TOML value against a default (dataset options and
-head hyper-parameter lists of a grid)."""
+Also :func:`coerce_setting`: a dataset option against its default's type (the one rule of
+:mod:`bench.core.coerce`)."""
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,28 +13,23 @@ from typing import Any
 from bench.api import registry
 from bench.api.observe import OBSERVE_KEYS, split_observe
 from bench.config.identity import config_hash
+from bench.core.coerce import CoerceError, OutOfRange, annotation_of, coerce
 from bench.core.errors import UsageError, choices
 
-#: the largest integer any setting may take (numpy and torch hold integers as int64)
-MAX_INT64 = 2**63 - 1
 DATASET_KEYS = ("name", "root", "train_split", "test_split")
 
 
 def coerce_setting(value: Any, default: Any, where: str, key: str) -> Any:
-    """Give a TOML value the type of the parameter's default (int -> float where a float is expected);
-    a NaN or infinite number (TOML ``nan``, ``inf``) is never a valid setting."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"{where}: {key!r} = {value!r} is not a finite number")
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT64:
-        raise UsageError(f"{where}: {key!r} = {value!r} is out of range; an integer setting lies within +-{MAX_INT64} (int64)")
-    if default is None or isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)):
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    raise UsageError(
-        f"{where}: {key!r} = {value!r} has type {type(value).__name__}; expected {type(default).__name__} "
-        f"(default {default!r})"
-    )
+    """A dataset option as its default's type wants it (:func:`bench.core.coerce.coerce` of
+    :func:`bench.core.coerce.annotation_of` the default: an int is a float where a float is
+    expected; integers within int64; a NaN or infinite number is never a valid setting)."""
+    try:
+        return coerce(annotation_of(default), value)
+    except OutOfRange as exc:
+        what = "is not a finite number" if isinstance(value, float) else f"is out of range ({exc})"
+        raise UsageError(f"{where}: {key!r} = {value!r} {what}") from None
+    except CoerceError as exc:
+        raise UsageError(f"{where}: {key!r} = {value!r} has type {type(value).__name__}; {exc} (default {default!r})") from None
 
 
 def dataset_root(name: str, entry_root: str | None, data_roots: dict[str, str]) -> tuple[str | None, str]:

@@ -63,7 +63,8 @@ from bench.api.observe import split_observe
 from bench.api.head import check_hparam_values
 from bench.api.registry import describe_backbone_names, is_known_backbone
 from bench.config.recipe import Recipe, resolve_recipe
-from bench.config.datasets import coerce_setting, expand_datasets
+from bench.config.run_options import RunOptions
+from bench.config.datasets import expand_datasets
 from bench.config.identity import config_hash
 from bench.config.tune import TuneSpec, parse_tune, point_recipes, refit_cells, tune_family, tune_fields, tune_group
 from bench.core.errors import UsageError, choices
@@ -75,12 +76,6 @@ MAX_SEED = 2**32 - 1
 # [submit]: scheduler settings for `--submit` (read and validated by bench/cluster/settings.py)
 TOP_KEYS = ("description", "seeds", "recipe", "recipes", "tune", "datasets", "backbones", "heads", "run", "submit")
 BACKBONE_KEYS = ("name", "weights")
-RUN_KEYS: dict[str, tuple[type, Any, tuple[Any, ...] | None]] = {
-    "save_weights": (str, "all", ("all", "head", "none")),
-    "checkpoint": (str, "epoch", ("epoch", "none")),
-    # frozen backbone: train a cell group's heads in one pass (bench/engine/job.py, trainer.py); false: one at a time
-    "heads_together": (bool, True, (True, False)),
-}
 
 
 @dataclass
@@ -199,7 +194,7 @@ class Grid:
     description: str
     cells: list[Cell]
     pending: list[PendingDataset] = field(default_factory=list)
-    run: dict[str, Any] = field(default_factory=dict)
+    run: RunOptions = field(default_factory=RunOptions)
     head_configs: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # after --heads
     backbones: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
@@ -317,29 +312,12 @@ def _expand_heads(entries: list[dict[str, Any]], where: str) -> list[tuple[str, 
             values = given[key] if isinstance(given[key], list) else [given[key]]
             if not values:
                 raise UsageError(f"{label}: {key!r} is an empty list, so the grid would have no cells")
-            value_lists.append([coerce_setting(v, defaults[key], label, key) for v in values])
+            value_lists.append(values)
         for combo in itertools.product(*value_lists):
-            hparams = {**defaults, **dict(zip(keys, combo))}
-            # the head's annotations, ranges included (bench.api.head.coerce_value), before training;
-            # the values themselves stay as written (they are part of the run id)
-            check_hparam_values(registry.head_class(name), dict(zip(keys, combo)), label)
-            out.append((name, hparams))
+            # each value against the head's annotation, ranges included (bench.core.coerce), before
+            # training; the coerced value (1 -> 1.0 for a float) is what the run id hashes
+            out.append((name, {**defaults, **check_hparam_values(registry.head_class(name), dict(zip(keys, combo)), label)}))
     return out
-
-
-def _run_options(table: dict[str, Any], where: str) -> dict[str, Any]:
-    options = {}
-    if not isinstance(table, dict):
-        raise UsageError(f"{where}: 'run' must be a table [run], got {table!r}")
-    for key, value in table.items():
-        if key not in RUN_KEYS:
-            raise UsageError(f"{where}: unknown [run] key {key!r}; valid: {choices(sorted(RUN_KEYS))}")
-    for key, (typ, default, allowed) in RUN_KEYS.items():
-        value = table.get(key, default)
-        if not isinstance(value, typ) or (allowed and value not in allowed):
-            raise UsageError(f"{where}: [run] {key} = {value!r}; expected one of {choices(allowed or ())}")
-        options[key] = value
-    return options
 
 
 def load_grid(
@@ -390,7 +368,7 @@ def load_grid(
     points = [(None, None, None)] if tune is None else [(p, i, r) for i, (p, r) in enumerate(point_recipes(tune, recipe_table, where))]
     space = tune.identity() if tune is not None else None
     default = next((i for p, i, _ in points if p is not None and all(getattr(recipe, k) == v for k, v in p.items())), None)
-    run = _run_options(data.get("run", {}), where)
+    run = RunOptions.from_table(data.get("run", {}), where)
 
     dataset_entries = _filter(_table_list(data, "datasets", where), datasets, "dataset", where)
     backbone_entries = _filter(_table_list(data, "backbones", where), backbones, "backbone", where)
@@ -458,11 +436,11 @@ def _recipe_variants(table: dict[str, Any], variants: Any, where: str) -> list[t
     return out
 
 
-def check_derived_weights(cells: list[Cell], run: dict[str, Any], where: str) -> None:
+def check_derived_weights(cells: list[Cell], run: RunOptions, where: str) -> None:
     """A derived head (class metadata ``derived_from``) rebuilds its source run's trained model
     from the source's saved weights, backbone included: ``[run] save_weights`` must then be
     ``"all"``, or every derived run would fail after its source trained."""
-    save = run.get("save_weights", "all")
+    save = run.save_weights
     derived = sorted({c.head for c in cells if c.source_run_id is not None})
     if save != "all" and derived:
         files = ", ".join(f"{h} ({registry.source_file(registry.head_class(h))})" for h in derived)

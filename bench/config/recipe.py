@@ -7,14 +7,14 @@ key. The resolved recipe (every key filled in) is part of a run's identity (its 
 from __future__ import annotations
 
 import dataclasses
-import math
 import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Union
 
 from bench.api.registry import list_losses
+from bench.core.coerce import CoerceError, OutOfRange, coerce
 from bench.core.errors import UsageError, choices
 from bench.core.paths import PROJECT_ROOT
 
@@ -129,14 +129,15 @@ KEYS: dict[str, Key] = {
 
 def _check_value(key: str, value: Any, where: str) -> Any:
     spec = KEYS[key]
-    if float in spec.types and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
-        raise UsageError(f"{where}: recipe key {key!r} = {value!r} has the wrong type; expected {spec.describe()}")
+    try:
+        value = coerce(Union[spec.types], value)  # noqa: UP007 (a tuple of types, not a literal union)
+    except OutOfRange:
+        what = "is not a finite number" if isinstance(value, float) else "is out of range"
+        raise UsageError(f"{where}: recipe key {key!r} = {value!r} {what}; expected {spec.describe()}") from None
+    except CoerceError:
+        raise UsageError(f"{where}: recipe key {key!r} = {value!r} has the wrong type; expected {spec.describe()}") from None
     if spec.allowed is not None and value not in spec.values():
         raise UsageError(f"{where}: recipe key {key!r} = {value!r} is not allowed; expected {spec.describe()}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"{where}: recipe key {key!r} = {value!r} is not a finite number; expected {spec.describe()}")
     below = spec.minimum is not None and (value <= spec.minimum if spec.exclusive else value < spec.minimum)
     above = spec.maximum is not None and (value >= spec.maximum if spec.exclusive else value > spec.maximum)
     if below or above:

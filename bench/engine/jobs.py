@@ -54,7 +54,7 @@ def job_key(cell: Cell, heads_together: bool) -> str:
 
 def plan_jobs(grid: Grid) -> list[Job]:
     """The jobs of ``grid``'s cells, in the order their first cell appears."""
-    together = bool(grid.run.get("heads_together", True))
+    together = grid.run.heads_together
     jobs: dict[str, Job] = {}
     trained_in: dict[str, Job] = {}
     for cell in grid.cells:

@@ -157,7 +157,7 @@ def write_outputs(
         row["classes_evaluated"] = int(evaluated_classes(preds.targets, preds.ignore).sum())
         row.update(multilabel_metrics(preds.scores, preds.targets, preds.ignore))
         results.save_scores(ctx.results_dir, cell.run_id, data.test.image_ids, preds.scores, preds.targets, preds.ignore, data.classes)
-        save = ctx.grid.run.get("save_weights", "all")
+        save = ctx.grid.run.save_weights
         if save != "none":
             state = state_dict()
             if save == "head":

@@ -94,7 +94,7 @@ def run_grid(
     # (modules, imported libraries, datasets' label arrays) out of the collector's generations
     # makes that a sweep of one job's garbage instead of ~0.2 s over everything.
     gc.freeze()
-    ctx = RunContext(grid, store, accelerator, progress, results_dir, stop, grid.run.get("checkpoint", "epoch") == "epoch")
+    ctx = RunContext(grid, store, accelerator, progress, results_dir, stop, grid.run.checkpoint == "epoch")
     summary = GridSummary()
     for job in plan_jobs(grid):
         if any_process(accelerator, stop.requested):

@@ -45,6 +45,7 @@ from bench.api import registry
 from bench.api.dataset import MultiLabelDataset
 from bench.config.grid import CONFIG_DIR, Cell, Grid, load_grid, with_sources
 from bench.config.recipe import resolve_recipe
+from bench.config.run_options import RunOptions
 from bench.core.paths import cache_dir
 from bench.data import image_cache
 from bench.data.augment import augment
@@ -198,16 +199,16 @@ def frozen_group(accelerator: Accelerator, backbone_name: str, options: dict[str
         for name, hp in head_configs(heads)
     ]
     grid = Grid(name="gpu-suite", path=Path("gpu-suite"), description="", cells=with_sources(cells),
-                run={"save_weights": "head", "checkpoint": "none"})
+                run=RunOptions(save_weights="head", checkpoint="none"))
     warm = copy.deepcopy(grid)
     warm.cells = warm.cells[:1]
     warm.cells[0].recipe = frozen.replace(epochs=1)
-    warm.run = {**warm.run, "heads_together": False}
+    warm.run = warm.run.replace(heads_together=False)
     run_rows(warm, accelerator)  # features computed and cached before timing
     out = {}
     for together in (False, True):
         timed = copy.deepcopy(grid)
-        timed.run = {**timed.run, "heads_together": together}
+        timed.run = timed.run.replace(heads_together=together)
         seconds, rows = run_rows(timed, accelerator)
         out["together" if together else "alone"] = (seconds, training_seconds(rows))
     return {"heads": len(cells), "backbone": backbone_name, "epochs": epochs, "alone_s": out["alone"][0], "together_s": out["together"][0],

@@ -46,7 +46,7 @@ def changed(grid: Grid, change: Callable[[Cell], None], together: bool = False) 
         cell.source_run_id = None
     grid.cells = with_sources(grid.cells)
     # weights are kept: a derived head reuses its source's
-    grid.run = {**grid.run, "checkpoint": "none", "heads_together": together}
+    grid.run = grid.run.replace(checkpoint="none", heads_together=together)
     return grid
 
 

@@ -174,7 +174,7 @@ def measure_limit(grid: Grid, accelerator: Accelerator, batches: int = 8, repeat
     from bench.perf.harness import quiet_context
 
     cells = [c for c in grid.cells if c.source_run_id is None]
-    first, device = cells[0], accelerator.device
+    first = cells[0]
     recipe = first.recipe
     ctx = quiet_context(accelerator, grid, DataStore(accelerator))
     # the job's own setup: backbone and heads drawn as in a run, inputs, model selection
