@@ -184,12 +184,7 @@ def test_the_import_machinery_check_finds_planted_uses(tmp_path: Path) -> None:
     assert sorted(import_machinery(planted)) == ["2: import importlib", "4: from importlib import util", "5: sys.modules", "6: __import__"]
 
 
-#: modules still over the limit, each to be split by the helper who owns it (issue 23)
-OVER_600 = {"bench/eval/bootstrap.py"}
-
-
 def test_no_module_over_600_lines() -> None:
     """A module holds one idea; past ~600 lines it holds several (issue 23)."""
     long = {str(p.relative_to(ROOT)): n for p in sorted(BENCH.rglob("*.py")) if (n := len(p.read_text().splitlines())) > 600}
-    long = {k: v for k, v in long.items() if k not in OVER_600}
     assert not long, f"modules over 600 lines: {long}"

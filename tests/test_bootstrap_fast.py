@@ -1,6 +1,6 @@
 """The fast paired bootstrap (issue 15) against the direct per-resample computation.
 
-References: ``bench.eval.bootstrap.bootstrap_ap`` / ``resampled_ap_direct`` (the computation the
+References: ``bench.eval.resampling.bootstrap_ap`` / ``resampled_ap_direct`` (the computation the
 fast path replaced: one sort per block of resamples) and scikit-learn's weighted
 ``average_precision_score`` written out per resample and class here.
 """
@@ -15,7 +15,9 @@ import pytest
 from sklearn.metrics import average_precision_score
 
 from bench.eval import bootstrap as stats
-from bench.eval.bootstrap import RunScores, paired_bootstrap, rank_classes, ranked_ap, resampled_ap, resampled_ap_direct
+from bench.eval import resampling
+from bench.eval.bootstrap import RunScores, paired_bootstrap, resampled_ap, resampled_ap_direct
+from bench.eval.resampling import rank_classes, ranked_ap
 
 
 def random_case(seed: int, n: int, c: int) -> RunScores:
@@ -54,8 +56,8 @@ def sklearn_ap(run: RunScores, weights: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("seed,n,c", [(0, 40, 6), (1, 97, 7), (2, 250, 9), (3, 13, 5)])
 def test_fast_equals_the_direct_computation_with_ties_ignored_entries_and_drop_outs(seed: int, n: int, c: int) -> None:
     run = random_case(seed, n, c)
-    counts = stats.resample_counts(n, 200, seed=seed)
-    direct = stats.bootstrap_ap(run.scores, run.targets, run.ignore, counts)
+    counts = resampling.resample_counts(n, 200, seed=seed)
+    direct = resampling.bootstrap_ap(run.scores, run.targets, run.ignore, counts)
     fast = ranked_ap(rank_classes(run.scores, run.targets, run.ignore), counts, "cpu")
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(direct))
     np.testing.assert_allclose(fast, direct, rtol=0, atol=1e-12)
@@ -71,16 +73,16 @@ def test_a_single_positive_run(positives: list[int]) -> None:
     scores = np.array([[0.2], [0.7], [0.1], [0.4], [0.7]])
     targets = np.zeros((5, 1), dtype=np.uint8)
     targets[positives] = 1
-    counts = stats.resample_counts(5, 40, seed=1)
+    counts = resampling.resample_counts(5, 40, seed=1)
     fast = ranked_ap(rank_classes(scores, targets, None), counts, "cpu")
-    direct = stats.bootstrap_ap(scores, targets, None, counts)
+    direct = resampling.bootstrap_ap(scores, targets, None, counts)
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(direct))
     np.testing.assert_allclose(fast, direct, rtol=0, atol=1e-15)
 
 
 def test_fast_equals_scikit_learn_per_resample() -> None:
     run = random_case(4, 60, 6)
-    counts = stats.resample_counts(60, 25, seed=9)
+    counts = resampling.resample_counts(60, 25, seed=9)
     fast = ranked_ap(rank_classes(run.scores, run.targets, run.ignore), counts, "cpu")
     want = np.stack([sklearn_ap(run, w) for w in counts])
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(want))
@@ -105,8 +107,8 @@ def test_every_block_size_gives_the_same_resamples_and_numbers(block_entries: in
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(direct))
     np.testing.assert_allclose(fast, direct, rtol=0, atol=1e-12)
     # and the resamples are the documented stream: one rng.integers call per resample
-    counts = stats.resample_counts(120, 150, seed=4)
-    np.testing.assert_allclose(stats.bootstrap_ap(run.scores, run.targets, run.ignore, counts), fast, rtol=0, atol=1e-12)
+    counts = resampling.resample_counts(120, 150, seed=4)
+    np.testing.assert_allclose(resampling.bootstrap_ap(run.scores, run.targets, run.ignore, counts), fast, rtol=0, atol=1e-12)
 
 
 def test_memory_is_bounded_by_the_block(monkeypatch: pytest.MonkeyPatch) -> None:

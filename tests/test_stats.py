@@ -10,12 +10,12 @@ from bench.eval import bootstrap as stats
 from bench.eval.bootstrap import (
     PairingError,
     RunScores,
-    bootstrap_ap,
     delta_from_ap,
     paired_bootstrap,
     percentile_interval,
 )
 from bench.eval.metrics import average_precision
+from bench.eval.resampling import bootstrap_ap, resample_counts
 
 
 def run(scores, targets, ignore=None, ids=None, classes=None) -> RunScores:
@@ -82,7 +82,7 @@ def test_bootstrap_ap_equals_average_precision_for_every_resample() -> None:
     targets[3, 4] = 1  # a class with ONE positive: NaN whenever image 3 is not drawn
     ignore = rng.random((n, c)) < 0.1
     ignore[3, 4] = False
-    counts = stats.resample_counts(n, 300, seed=5)
+    counts = resample_counts(n, 300, seed=5)
     got = bootstrap_ap(scores, targets, ignore, counts)
     want = np.stack([average_precision(scores, targets, ignore, sample_weight=w) for w in counts])
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
@@ -98,8 +98,8 @@ def test_bootstrap_ap_equals_average_precision_for_every_resample() -> None:
 def test_resample_stream_is_one_integers_call_per_resample() -> None:
     rng = np.random.default_rng(7)
     expected = np.stack([np.bincount(rng.integers(0, 9, size=9), minlength=9) for _ in range(4)])
-    np.testing.assert_array_equal(stats.resample_counts(9, 4, seed=7), expected)
-    assert (stats.resample_counts(9, 4, seed=7).sum(axis=1) == 9).all()
+    np.testing.assert_array_equal(resample_counts(9, 4, seed=7), expected)
+    assert (resample_counts(9, 4, seed=7).sum(axis=1) == 9).all()
 
 
 # ---------------------------------------------------------------------------------------------

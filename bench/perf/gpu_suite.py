@@ -217,7 +217,8 @@ def frozen_group(accelerator: Accelerator, backbone_name: str, options: dict[str
 
 def bootstrap_timing(images: int, classes: int, resamples: int, seeds: int = 3) -> dict[str, Any]:
     """Seconds of the report's paired bootstrap (head vs reference, ``seeds`` seed pairs)."""
-    from bench.eval.bootstrap import RunScores, paired_bootstrap, report_device
+    from bench.eval.bootstrap import RunScores, paired_bootstrap
+    from bench.eval.resampling import report_device
 
     rng = np.random.default_rng(0)
     targets = (rng.random((images, classes)) < 0.03).astype(np.uint8)

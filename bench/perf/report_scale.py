@@ -43,6 +43,7 @@ import torch
 
 from bench.core.paths import PROJECT_ROOT
 from bench.eval import bootstrap as stats
+from bench.eval import resampling
 from bench.eval.head_cost import PeakMemory
 from bench.eval.metrics import multilabel_metrics
 
@@ -114,7 +115,7 @@ def measure_bootstrap(size: TestSet, resamples: int, before_resamples: int) -> d
     rss_before = _rss_mib()
     memory.reset()
     start = time.perf_counter()
-    ranked = stats.rank_classes(run.scores, run.targets, run.ignore)
+    ranked = resampling.rank_classes(run.scores, run.targets, run.ignore)
     sort_s = time.perf_counter() - start
     fast = stats.resampled_ap(run, resamples, stats.DEFAULT_SEED, ranked=ranked, device="cpu")
     after = time.perf_counter() - start
@@ -289,7 +290,7 @@ def _duration(seconds: float) -> str:
 
 
 def machine() -> str:
-    device = stats.report_device()
+    device = resampling.report_device()
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
