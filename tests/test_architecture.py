@@ -17,8 +17,8 @@ BENCH = ROOT / "bench"
 LAYERS: dict[str, int] = {
     "bench.core": 0,
     "bench.api": 1,
-    "bench.eval": 2, "bench.results": 2, "bench.models": 2, "bench.data": 2,
-    "bench.config": 3,
+    "bench.eval": 2, "bench.models": 2, "bench.data": 2,
+    "bench.config": 3, "bench.results": 3,
     "bench.engine": 4,
     "bench.report": 5,
     "bench.perf": 6,

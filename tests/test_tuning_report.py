@@ -174,7 +174,11 @@ def test_tune_selected_is_in_the_report_frame(tuned) -> None:
     report = build(results.load_all(folder))
     frame = report.tuning[0].frame
     selected = set(frame.loc[frame["tune_selected"], "run_id"])
-    assert selected == {_row(rows, c, s, p)["run_id"] for (c, s), p in CHOSEN.items()}
+    expected = {_row(rows, c, s, p)["run_id"] for (c, s), p in CHOSEN.items()}
+    assert selected == expected
+    # every reader of the results gets the same flag (derived on load, never stored in a row file)
+    assert set(loaded.index[loaded["tune_selected"].map(lambda v: v is True)]) == expected
+    assert all(v is False for r, v in loaded["tune_selected"].items() if r not in expected and isinstance(loaded.loc[r, "tune_group"], str))
 
 
 def test_the_html_report_has_the_tuning_section(tuned) -> None:

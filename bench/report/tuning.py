@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bench.eval.tuning import Choice, RankAgreement, choice_optimism, is_point, rank_agreement, select_points
+from bench.eval.tuning import Choice, RankAgreement, choice_optimism, is_point, rank_agreement, select_points, selection_flags
 from bench.report.plugins import describe_hparams, reference_label
 from bench.report.tables import SECTION_KEYS, Column, Table, make_table
 
@@ -86,11 +86,9 @@ def with_selection(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Choice]]
     """``rows`` with the column ``tune_selected`` (True for each tune group's chosen point, False
     for its other points and refits, NaN for untuned rows), and the choices."""
     rows = rows.copy()
-    choices = select_points(rows.to_dict("records")) if not rows.empty else {}
-    chosen = {c.run_id for c in choices.values() if c.run_id is not None}
-    tuned = _tuned(rows)
-    rows["tune_selected"] = [bool(r in chosen) if t else np.nan for r, t in zip(rows.get("run_id", []), tuned)]
-    return rows, choices
+    records = rows.to_dict("records")
+    rows["tune_selected"] = selection_flags(records)
+    return rows, select_points(records) if records else {}
 
 
 def _point_values(row: pd.Series) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from bench.core.atomic import atomic_write, free_bytes, host_tag, is_no_space, no_space, remove_stale_temporaries
 from bench.core.errors import UsageError, format_bytes
+from bench.eval.tuning import selection_flags
 from bench.results import schema
 from bench.results.locks import LOCKS, check_lock_folder, remove_graves, stale_after_s
 
@@ -250,7 +251,10 @@ def load_all(*results_dirs: str | Path) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=list(schema.COLUMNS))
     if "finished_at" in frame:
         frame = frame.sort_values("finished_at", kind="stable")
-    return frame.drop_duplicates("run_id", keep="last").reset_index(drop=True)
+    frame = frame.drop_duplicates("run_id", keep="last").reset_index(drop=True)
+    # a tuned grid's choice (docs/tuning.md): derived from val_mAP on every read, never stored
+    frame["tune_selected"] = selection_flags(frame.to_dict("records"))
+    return frame
 
 
 def run_status(results_dir: str | Path, run_id: str) -> str | None:
