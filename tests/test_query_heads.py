@@ -397,3 +397,58 @@ def test_declared_sweeps_name_real_values() -> None:
     assert mld.describe_hparams({"num_groups": -1}) == "K=min(100,C), E=128"
     assert mld.describe_hparams({"embed_dim": 768, "ff_dim": 2048}) == "K=min(100,C), E=768, ff_dim=2048"
     assert q2l.describe_hparams({"hidden_dim": 256, "dec_layers": 3}) == "D=256, 1+3 layers"
+
+
+class _EncoderLayerAsBefore(nn.Module):
+    """The encoder layer as Query2Label and C-Tran wrote it before bench.api.layers held it (same
+    names and parameter order): queries and keys add the embedding each on their own."""
+
+    def __init__(self, dim: int, heads: int, ff: int, pre_norm: bool) -> None:
+        super().__init__()
+        from bench.api import MultiheadAttention
+
+        self.pre_norm = pre_norm
+        self.self_attn = MultiheadAttention(dim, heads, 0.1)
+        self.linear1, self.dropout, self.linear2 = nn.Linear(dim, ff), nn.Dropout(0.1), nn.Linear(ff, dim)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout1, self.dropout2 = nn.Dropout(0.1), nn.Dropout(0.1)
+
+    def forward(self, src: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+        ffn = lambda u: self.linear2(self.dropout(torch.relu(self.linear1(u))))  # noqa: E731
+        if pos is None:
+            src = self.norm1(src + self.dropout1(self.self_attn(src, src, src)))
+            return self.norm2(src + self.dropout2(ffn(src)))
+        if self.pre_norm:
+            u = self.norm1(src)
+            src = src + self.dropout1(self.self_attn(u + pos, u + pos, u))
+            return src + self.dropout2(ffn(self.norm2(src)))
+        src = self.norm1(src + self.dropout1(self.self_attn(src + pos, src + pos, src)))
+        return self.norm2(src + self.dropout2(ffn(src)))
+
+
+@pytest.mark.parametrize(("pre_norm", "with_pos"), [(False, True), (True, True), (False, False)])
+def test_shared_encoder_layer_trains_bit_for_bit_as_before(pre_norm: bool, with_pos: bool) -> None:
+    """bench.api.TransformerEncoderLayer replaced two copies of this layer; a run's numbers may not
+    move (issue 23): same initialisation from a seed, and the same outputs AND gradients to the
+    last bit, in training mode (dropout drawn from the same seed). Summing the embedding once for
+    queries and keys changes the input gradient's accumulation order, which this catches."""
+    from bench.api import TransformerEncoderLayer
+
+    torch.manual_seed(0)
+    before = _EncoderLayerAsBefore(32, 4, 64, pre_norm)
+    torch.manual_seed(0)
+    shared = TransformerEncoderLayer(32, 4, 64, 0.1, pre_norm)
+    assert [n for n, _ in before.named_parameters()] == [n for n, _ in shared.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before.parameters(), shared.parameters()))
+    x = torch.randn(3, 10, 32)
+    pos = torch.randn(10, 32) if with_pos else None
+    results = []
+    for layer in (before, shared):
+        xx = x.clone().requires_grad_(True)
+        torch.manual_seed(1)
+        out = layer(xx, pos)
+        out.square().mean().backward()
+        results.append((out.detach(), xx.grad, [p.grad for p in layer.parameters()]))
+    (out_a, dx_a, dp_a), (out_b, dx_b, dp_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(dx_a, dx_b)
+    assert all(torch.equal(a, b) for a, b in zip(dp_a, dp_b))

@@ -84,11 +84,14 @@ class TransformerEncoderLayer(FeedForwardLayer):
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, N, D], pos [N, D] or None -> [B, N, D]."""
+        # queries and keys each add the embedding on their own: one shared sum gives the same
+        # forward but accumulates the input's gradient in another order (different last bits)
+        def with_pos(u: torch.Tensor) -> torch.Tensor:
+            return u if pos is None else u + pos
+
         if self.pre_norm:
             u = self.norm1(x)
-            qk = u if pos is None else u + pos
-            x = x + self.dropout1(self.self_attn(qk, qk, u))
+            x = x + self.dropout1(self.self_attn(with_pos(u), with_pos(u), u))
             return x + self.dropout2(self.feed_forward(self.norm2(x)))
-        qk = x if pos is None else x + pos
-        x = self.norm1(x + self.dropout1(self.self_attn(qk, qk, x)))
+        x = self.norm1(x + self.dropout1(self.self_attn(with_pos(x), with_pos(x), x)))
         return self.norm2(x + self.dropout2(self.feed_forward(x)))
