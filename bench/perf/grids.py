@@ -13,12 +13,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from accelerate import Accelerator
 
 from bench.config.grid import Cell, Grid, with_sources
 from bench.engine.interrupt import StopRequest
 from bench.engine.progress import Progress
 from bench.engine.runner import run_grid
+from bench.results.store import load_all
 
 
 @contextmanager
@@ -57,18 +59,27 @@ def with_recipe(grid: Grid, **changes: Any) -> Grid:
     return changed(grid, change)
 
 
-def timed_grid(grid: Grid, accelerator: Accelerator) -> tuple[float, int]:
+def run_timed(grid: Grid, accelerator: Accelerator) -> tuple[float, int, pd.DataFrame]:
+    """Run ``grid`` into a scratch results folder: its wall time (s), the number of runs trained,
+    and its rows (read after the clock stops). Any failed run is an error."""
     results_dir = Path(tempfile.mkdtemp(prefix="headbench-perf-results-"))
     try:
         start = time.perf_counter()
         with StopRequest() as stop:
             summary = run_grid(grid, results_dir, accelerator, Progress(enabled=False), stop)
         seconds = time.perf_counter() - start
+        rows = load_all(results_dir)
     finally:
         shutil.rmtree(results_dir, ignore_errors=True)
     if summary.failed:
         raise RuntimeError(f"{len(summary.failed)} runs failed: {summary.failed[0].error}")
-    return seconds, summary.trained
+    return seconds, summary.trained, rows
+
+
+def timed_grid(grid: Grid, accelerator: Accelerator) -> tuple[float, int]:
+    """:func:`run_timed` without the rows: wall time (s) and runs trained."""
+    seconds, trained, _ = run_timed(grid, accelerator)
+    return seconds, trained
 
 
 def grid_warmup(grid: Grid) -> Grid:

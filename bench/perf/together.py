@@ -5,11 +5,8 @@ several members, bench.engine.trainer) vs one at a time, in one process run (sec
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,14 +15,10 @@ from torch import nn
 
 from bench.config.grid import Cell, Grid, load_grid
 from bench.data.batched_arrays import array_loader
-from bench.engine.interrupt import StopRequest
 from bench.engine.losses import make_loss
 from bench.engine.optim import make_optimizer
-from bench.engine.progress import Progress
-from bench.engine.runner import run_grid
 from bench.models.classifier import Classifier
-from bench.perf.grids import changed, grid_warmup, scratch_cache, timed_grid
-from bench.results.store import load_all
+from bench.perf.grids import changed, grid_warmup, run_timed, scratch_cache, timed_grid
 
 #: the shipped grid the measurements read their heads, data and backbones from
 EMBEDDED_GRID = "full-embedded"
@@ -51,18 +44,7 @@ def evenly(cells: list[Cell], n: int) -> list[Cell]:
 
 def run_rows(grid: Grid, accelerator: Accelerator) -> tuple[float, Any]:
     """Wall time of running ``grid`` into a scratch results folder, and its rows."""
-
-    results_dir = Path(tempfile.mkdtemp(prefix="headbench-perf-results-"))
-    try:
-        start = time.perf_counter()
-        with StopRequest() as stop:
-            summary = run_grid(grid, results_dir, accelerator, Progress(enabled=False), stop)
-        seconds = time.perf_counter() - start
-        rows = load_all(results_dir)
-    finally:
-        shutil.rmtree(results_dir, ignore_errors=True)
-    if summary.failed:
-        raise RuntimeError(f"{len(summary.failed)} runs failed: {summary.failed[0].error}")
+    seconds, _, rows = run_timed(grid, accelerator)
     return seconds, rows
 
 
