@@ -20,6 +20,8 @@ from rich.console import Console
 from bench.core.errors import UsageError, choices
 
 if TYPE_CHECKING:  # imported lazily at run time: `--help` and `--list` stay fast
+    from accelerate import Accelerator
+
     from bench.config.grid import Grid
     from bench.engine.interrupt import StopRequest
     from bench.engine.runner import GridSummary
@@ -263,11 +265,7 @@ def cmd_run(argv: list[str]) -> int:
     accelerator.wait_for_everyone()
     if main:
         _print_outcome(summary, stop, results_dir, console)
-    # The launcher (torchrun) stops every process as soon as one exits non-zero: no process
-    # leaves before the main one has written the report and printed (and flushed) the outcome.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    accelerator.wait_for_everyone()
+    _leave_together(accelerator)
     if summary.interrupted:
         return stop.exit_status
     return 1 if summary.failed else 0
@@ -376,7 +374,23 @@ def cmd_evaluate(argv: list[str]) -> int:
     metrics = evaluate_run(args.run_id, Path(args.results), accelerator, args.data_root)
     if accelerator.is_main_process:
         print(json.dumps(metrics, sort_keys=True))
+    _leave_together(accelerator)
     return 0
+
+
+def _leave_together(accelerator: Accelerator) -> None:
+    """The end of a launch on every process: output flushed, then all processes wait for each other
+    and leave the process group. The launcher (torchrun) stops every process as soon as one exits
+    non-zero, so none leaves before the main one has printed; and a process that exits while its
+    peer's collective threads still hold the group can abort ("terminate called without an active
+    exception"), so the group is destroyed before the interpreter exits."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    accelerator.wait_for_everyone()
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _submit(args: argparse.Namespace, grid: Grid, console: Console) -> int:
