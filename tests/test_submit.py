@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, TINY_GRID, run_cli
 from submitit.core.utils import DelayedSubmission
 
 from bench.cli import main
@@ -22,23 +22,7 @@ from bench.cluster.task import GridTask, TaskSpec, launch_command
 from bench.config.grid import load_grid, shard_cells
 from bench.results.store import load_all
 
-GRID = """
-seeds = [0]
-[recipe]
-preset = "embedded_cpu"
-epochs = 2
-batch_size = 32
-eval_batch_size = 50
-[[datasets]]
-name = "shapes"
-num_train = 96
-num_test = 51
-[[backbones]]
-name = "tiny_cnn"
-[[heads]]
-name = "baseline"
-pool = ["avg", "max"]
-"""
+GRID = TINY_GRID.replace("epochs = 1", "epochs = 2")
 METRICS = ("mAP", "CF1", "OF1", "final_train_loss")
 # the CPU's thread count changes the last digits of a convolution: every launch here uses one
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}

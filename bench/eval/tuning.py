@@ -92,11 +92,13 @@ def select_points(rows: Iterable[Mapping[str, Any]]) -> dict[str, Choice]:
     return out
 
 
-def selection_flags(rows: Sequence[Mapping[str, Any]]) -> list[bool | float]:
-    """Per row: True for its tune group's chosen point (:func:`select_points`), False for the
-    group's other points and refits, NaN for an untuned row. Derived from ``val_mAP`` whenever
-    rows are read, never stored, so a retried point cannot leave a stale flag behind."""
-    chosen = {c.run_id for c in select_points(rows).values() if c.run_id is not None}
+def selection_flags(rows: Sequence[Mapping[str, Any]], choices: Mapping[str, Choice] | None = None) -> list[bool | float]:
+    """Per row: True for its tune group's chosen point (``choices``, default
+    :func:`select_points` of ``rows``), False for the group's other points and refits, NaN for an
+    untuned row. Derived from ``val_mAP`` whenever rows are read, never stored, so a retried point
+    cannot leave a stale flag behind."""
+    choices = select_points(rows) if choices is None else choices
+    chosen = {c.run_id for c in choices.values() if c.run_id is not None}
     return [bool(row.get("run_id") in chosen) if not _missing(row.get("tune_group")) else float("nan") for row in rows]
 
 

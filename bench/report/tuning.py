@@ -87,8 +87,9 @@ def with_selection(rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Choice]]
     for its other points and refits, NaN for untuned rows), and the choices."""
     rows = rows.copy()
     records = rows.to_dict("records")
-    rows["tune_selected"] = selection_flags(records)
-    return rows, select_points(records) if records else {}
+    choices = select_points(records)
+    rows["tune_selected"] = selection_flags(records, choices)
+    return rows, choices
 
 
 def _point_values(row: pd.Series) -> dict[str, Any]:
